@@ -1,0 +1,64 @@
+// nanogpt-flash: the one kernel signature and the one dispatch table.
+//
+// Every variant computes O = softmax(Q Kᵀ·scale + mask) V for one problem:
+//   q, o: (B, H, Nq, d)   k, v: (B, H, Nk, d)   float32, last dimension contiguous,
+//   other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is read in place).
+// Causal masks are aligned bottom-right: query i sees keys j <= i + (Nk - Nq), which is
+// what KV-cache decoding needs (SDPA's is_causal aligns top-left; the two agree when
+// Nq == Nk). A query that sees no key gets a zero output row, as SDPA gives.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace nanogpt {
+
+// A (B, H, N, d) float tensor whose last dimension is contiguous.
+struct View {
+  float* data;
+  int64_t sb, sh, sn;  // strides in elements of batch, head and row
+  float* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
+};
+
+struct Problem {
+  View q, k, v, o;
+  int64_t B, H, Nq, Nk, d;
+  float scale;
+  bool causal;
+  int64_t br, bc;  // tile sizes; 0 picks the variant's default
+
+  // Keys [0, key_end(i)) are visible to query row i.
+  int64_t key_end(int64_t i) const {
+    return causal ? std::clamp<int64_t>(i + 1 + Nk - Nq, 0, Nk) : Nk;
+  }
+};
+
+using Kernel = void (*)(const Problem&);
+
+struct Variant {
+  const char* name;
+  Kernel run;
+  const char* adds;  // the optimisation this variant adds over the previous one
+};
+
+// The dispatch table: the CLI, tests and benchmarks read their list of variants from it.
+extern const Variant kVariants[];
+extern const int kNumVariants;
+const Variant* find_variant(const std::string& name);
+
+void naive_attention(const Problem& p);
+void blocked_attention(const Problem& p);
+void fused_attention(const Problem& p);
+void flash_attention(const Problem& p);
+
+// Default flash tiles for a shape (chosen from `gpt.py sweep` on this machine).
+std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
+
+// Validates the arguments (errors name them) and runs one variant; returns (B, H, Nq, d).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     c10::string_view variant, bool causal, std::optional<double> scale,
+                     int64_t br, int64_t bc);
+
+}  // namespace nanogpt

@@ -1,0 +1,25 @@
+// Dynamic work split over torch's intra-op threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdint>
+
+namespace nanogpt {
+
+// Runs work(item, slot) for every item in [0, n). Threads take items from a shared counter,
+// because causal rows and blocks differ in cost and a static split would leave one of two
+// threads with three quarters of the work; callers order items heaviest first.
+// `slot` in [0, threads) is the calling thread's index into per-thread scratch.
+// Uses at::parallel_for, so torch.set_num_threads and nesting in torch's own parallel
+// regions (where it runs serially) are respected.
+template <class Work>
+void parallel_items(int64_t n, int64_t threads, const Work& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t slot, int64_t /*slot_end*/) {
+    for (int64_t item = next++; item < n; item = next++) work(item, slot);
+  });
+}
+
+}  // namespace nanogpt

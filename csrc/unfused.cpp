@@ -1,0 +1,106 @@
+// naive and blocked: both materialise the full Nq×Nk score matrix for one (batch, head) at
+// a time, then run three separate passes over it: scores, row softmax, P·V.
+#include <unistd.h>
+
+#include "attention.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace nanogpt {
+namespace {
+
+// The Nq×Nk scratch, refused with a clear error (and a pointer to flash) when it could not
+// fit in this machine's memory, rather than letting the OS kill the process.
+at::Tensor score_matrix(const Problem& p, const char* variant) {
+  const double bytes = double(p.Nq) * double(p.Nk) * sizeof(float);
+  const double ram = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= 0.5 * ram, "variant '", variant,
+                   "' materialises the Nq×Nk score matrix (", p.Nq, "×", p.Nk, " floats = ",
+                   bytes / double(1 << 30), " GiB), more than half of this machine's ",
+                   ram / double(1 << 30), " GiB; use variant='flash', whose memory is O(N)");
+  return at::empty({p.Nq, p.Nk}, at::kFloat);
+}
+
+// S[i, j] = (q_i · k_j)·scale·log2(e) for visible keys, -inf above the causal diagonal;
+// rows [i0, i1) by keys [j0, j1).
+void scores(const Problem& p, int64_t b, int64_t h, float* S, int64_t i0, int64_t i1,
+            int64_t j0, int64_t j1) {
+  const float c = p.scale * kLog2e;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* q = p.q.row(b, h, i);
+    const int64_t end = p.key_end(i);
+    float* s = S + i * p.Nk;
+    for (int64_t j = j0; j < j1; ++j) s[j] = j < end ? c * dot(q, p.k.row(b, h, j), p.d) : kNegInf;
+  }
+}
+
+// o_i += Σ_j P[i, j]·v_j for rows [i0, i1) and keys [j0, j1).
+void accumulate_pv(const Problem& p, int64_t b, int64_t h, const float* P, int64_t i0,
+                   int64_t i1, int64_t j0, int64_t j1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* o = p.o.row(b, h, i);
+    const float* pi = P + i * p.Nk;
+    const int64_t end = std::min(j1, p.key_end(i));  // masked keys contribute nothing
+    for (int64_t j = j0; j < end; ++j) axpy(o, pi[j], p.v.row(b, h, j), p.d);
+  }
+}
+
+// Row softmax in place over all of S (the unfused pass); rowsum[i] = Σ_j 2^(s_ij - max).
+void softmax_rows(const Problem& p, float* S, float* rowsum) {
+  at::parallel_for(0, p.Nq, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) rowsum[i] = softmax2_unnormalised(S + i * p.Nk, p.Nk);
+  });
+}
+
+// o_i /= rowsum_i (0 for a row that sees no key).
+void normalise(const Problem& p, int64_t b, int64_t h, const float* rowsum, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* o = p.o.row(b, h, i);
+    if (rowsum[i] == 0.f) {
+      std::fill(o, o + p.d, 0.f);
+      continue;
+    }
+    const float inv = 1.f / rowsum[i];  // NaN stays NaN
+    for (int64_t c = 0; c < p.d; ++c) o[c] *= inv;
+  }
+}
+
+// Shared skeleton; tr×tc tiles (tr = tc = N for naive: one row against all keys at a time).
+void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
+  at::Tensor S_t = score_matrix(p, name), rowsum_t = at::empty({p.Nq}, at::kFloat);
+  float* S = S_t.data_ptr<float>();
+  float* rowsum = rowsum_t.data_ptr<float>();
+  const int64_t row_tiles = (p.Nq + tr - 1) / tr;
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h) {
+      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {  // pass 1: S = QKᵀ
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t j0 = 0; j0 < p.Nk; j0 += tc)
+            scores(p, b, h, S, t * tr, std::min(p.Nq, (t + 1) * tr), j0, std::min(p.Nk, j0 + tc));
+      });
+      softmax_rows(p, S, rowsum);  // pass 2: P = softmax(S)
+      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {  // pass 3: O = PV
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i0 = t * tr, i1 = std::min(p.Nq, i0 + tr);
+          for (int64_t i = i0; i < i1; ++i) std::fill(p.o.row(b, h, i), p.o.row(b, h, i) + p.d, 0.f);
+          for (int64_t j0 = 0; j0 < p.Nk; j0 += tc)
+            accumulate_pv(p, b, h, S, i0, i1, j0, std::min(p.Nk, j0 + tc));
+          normalise(p, b, h, rowsum, i0, i1);
+        }
+      });
+    }
+}
+
+}  // namespace
+
+// naive: S = QKᵀ as a full Nq×Nk matrix, one row of dot products at a time; row softmax;
+// O = PV. The textbook algorithm; O(N²) memory.
+void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk); }
+
+// blocked: adds tiling of both matmuls (br×bc, 8×8 by default) so a tile of K and V rows
+// is reused from cache across br query rows; softmax is still a separate pass over N×N.
+void blocked_attention(const Problem& p) {
+  unfused(p, "blocked", p.br ? p.br : 8, p.bc ? p.bc : 8);
+}
+
+}  // namespace nanogpt

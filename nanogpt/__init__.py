@@ -1,0 +1,99 @@
+"""nanogpt-flash: attention on the CPU as a ladder of variants, and a NanoGPT that runs on them.
+
+    nanogpt.attention(q, k, v, *, variant="flash", causal=False, scale=None, br=None, bc=None)
+    nanogpt.VARIANTS      # variant names, read from the extension's one dispatch table
+    nanogpt.extension()   # the compiled module (course entry points: myNaiveAttention, ...)
+    nanogpt.build_info()  # what was built: ispc version and targets or C++ only, threads, flags
+
+Semantics are torch.nn.functional.scaled_dot_product_attention's, except that with causal=True
+and Nq != Nk the mask is aligned bottom-right (query i sees keys j <= i + Nk - Nq), which is
+what KV-cache decoding needs; SDPA's is_causal aligns top-left.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from nanogpt.reference import attention_reference, causal_mask
+
+__all__ = ["attention", "attention_reference", "causal_mask", "extension", "build_info", "VARIANTS"]
+
+_ext = None
+_source = None
+
+
+def extension():
+    """The compiled module: the installed build (pip install) if present, else the JIT build."""
+    global _ext, _source
+    if _ext is None:
+        try:
+            from nanogpt import _C as ext  # built by setup.py
+
+            _source = "installed"
+        except ImportError:
+            from nanogpt import _build
+
+            ext = _build.load()
+            _source = "jit"
+        _ext = ext
+        torch.library.register_fake("nanogpt::attention")(_attention_fake)
+    return _ext
+
+
+def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
+    return q.new_empty(q.shape)
+
+
+def __getattr__(name):
+    if name == "VARIANTS":
+        return tuple(n for n, _ in extension().variants())
+    raise AttributeError(f"module 'nanogpt' has no attribute {name!r}")
+
+
+def _check_tile(name, value):
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value}")
+    return int(value)
+
+
+def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
+              br: int | None = None, bc: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + causal mask) v with one of nanogpt.VARIANTS.
+
+    q (B, H, Nq, d), k and v (B, H, Nk, d): float32 CPU tensors; inputs whose last dimension
+    is contiguous are read in place, others are copied once. scale defaults to 1/√d.
+    br, bc: flash's tile height and width (blocked's tile too); None picks the default.
+    Returns a contiguous (B, H, Nq, d) tensor.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, d), got {type(t).__name__}")
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a str naming one of nanogpt.VARIANTS, got {variant!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a number or None, got {scale!r}")
+        scale = float(scale)
+    br, bc = _check_tile("br", br), _check_tile("bc", bc)
+    extension()
+    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc)
+
+
+def build_info() -> dict:
+    """What was built and how it runs: tile kernel (ispc or C++), compiler, flags, threads."""
+    from nanogpt import _build
+
+    info = dict(extension().compiled_info())
+    info["build"] = _source
+    info.update(_build.describe() if _source == "jit" else {"cxx_flags": " ".join(_build.CXX_FLAGS)})
+    if info["tile_kernel"] == "c++":
+        info["ispc"] = "not used: C++ twin kernels"
+    info["threads"] = torch.get_num_threads()
+    return info

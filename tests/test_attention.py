@@ -1,0 +1,127 @@
+"""Every variant against SDPA and a float64 reference, over awkward shapes.
+
+Tolerance is tied to float32 error (nanogpt.reference.compare_to_sdpa): a variant's error
+against the float64 reference may be at most twice SDPA's own error on the same inputs, plus
+a few float32 ulps of the output.
+"""
+import itertools
+
+import pytest
+import torch
+
+from nanogpt.reference import compare_to_sdpa, sdpa
+
+VARIANTS = ("naive", "blocked", "fused", "flash")  # checked against nanogpt.VARIANTS below
+
+
+def qkv(B, H, Nq, Nk, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, d, generator=g) for n in (Nq, Nk, Nk)]
+
+
+def check(nanogpt, q, k, v, variant, causal=False, scale=None, **tiles):
+    out = nanogpt.attention(q, k, v, variant=variant, causal=causal, scale=scale, **tiles)
+    assert out.shape == q.shape and out.dtype == torch.float32 and out.is_contiguous()
+    ok, err, bound = compare_to_sdpa(out, q, k, v, causal, scale)
+    assert ok, f"{variant}: max error {err:.3g} > bound {bound:.3g} (twice SDPA's float32 error)"
+    return out
+
+
+def test_variants_come_from_the_dispatch_table(ext):
+    assert ext.VARIANTS == VARIANTS
+    assert [name for name, _ in ext.extension().variants()] == list(VARIANTS)
+
+
+SHAPES = [  # (B, H, Nq, Nk, d)
+    (1, 1, 1, 1, 1), (1, 1, 2, 2, 2), (2, 3, 7, 7, 5), (1, 2, 63, 63, 32), (1, 2, 64, 64, 64),
+    (2, 1, 65, 65, 33), (1, 1, 127, 127, 128), (1, 2, 1000, 1000, 16), (1, 1, 1024, 1024, 32),
+    (1, 2, 7, 65, 24),  # Nq < Nk: a KV-cache prefix
+    (1, 1, 1, 127, 32),  # one new query against cached keys
+    (1, 2, 65, 7, 8),  # Nq > Nk: with causal, the first rows see no key
+    (3, 2, 17, 17, 127),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_sdpa_and_float64(ext, variant, causal, shape):
+    check(ext, *qkv(*shape), variant, causal)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("d", [1, 3, 16, 31, 48, 80, 128])
+def test_head_dims(ext, variant, d):
+    check(ext, *qkv(2, 2, 37, 41, d, seed=d), variant, causal=bool(d % 2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
+def test_custom_scale(ext, variant, scale):
+    check(ext, *qkv(1, 2, 50, 50, 24), variant, causal=True, scale=scale)
+
+
+@pytest.mark.parametrize("br,bc", list(itertools.product([1, 3, 16, 96, 256], [1, 3, 16, 96, 256])) + [(1000, 2000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_tiles(ext, br, bc, causal):
+    check(ext, *qkv(1, 2, 130, 130, 32, seed=br * 1000 + bc), "flash", causal, br=br, bc=bc)
+    check(ext, *qkv(1, 1, 9, 200, 20, seed=br + bc), "flash", causal, br=br, bc=bc)
+
+
+@pytest.mark.parametrize("tile", [1, 5, 8, 300])
+def test_blocked_tiles(ext, tile):
+    check(ext, *qkv(1, 2, 70, 70, 12), "blocked", True, br=tile, bc=tile + 2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nanogpt_layout_is_read_in_place(ext, variant):
+    """(B, T, H, hs).transpose(1, 2): strided, last dim contiguous, as nanoGPT passes it."""
+    B, T, H, hs = 2, 45, 3, 16
+    qkv_ = torch.randn(B, T, 3 * H * hs)
+    q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in qkv_.split(H * hs, dim=2))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    check(ext, q, k, v, variant, causal=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_other_strides(ext, variant):
+    q, k, v = qkv(2, 2, 33, 33, 16)
+    k_t = k.transpose(-2, -1).contiguous().transpose(-2, -1)  # the course's K: last dim strided
+    v_exp = v[:1].expand(2, -1, -1, -1)  # a zero batch stride
+    q_sl = torch.randn(2, 2, 66, 20)[:, :, ::2, 2:18]  # row stride 40, sliced columns
+    check(ext, q_sl, k_t, v_exp, variant, causal=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_overflow_on_large_scores(ext, variant):
+    """Scores of ±1e4: a softmax that skipped the running max would overflow to inf/NaN."""
+    q, k, v = qkv(1, 2, 300, 300, 8)
+    out = check(ext, q * 100, k * 100, v, variant, causal=True)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_and_keyless(ext, variant):
+    q, k, v = qkv(1, 2, 0, 5, 8)
+    assert ext.attention(q, k, v, variant=variant).shape == (1, 2, 0, 8)
+    q, k, v = qkv(1, 2, 4, 0, 8)
+    assert torch.equal(ext.attention(q, k, v, variant=variant), sdpa(q, k, v))  # zeros
+
+
+def test_opcheck(ext):
+    q, k, v = qkv(1, 2, 20, 24, 8)
+    for variant in VARIANTS:
+        torch.library.opcheck(torch.ops.nanogpt.attention.default, (q, k, v, variant, True, None, 0, 0))
+
+
+def test_threads_are_respected(ext):
+    q, k, v = qkv(2, 3, 200, 200, 32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, before):
+            torch.set_num_threads(n)
+            results.append(ext.attention(q, k, v, causal=True))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
