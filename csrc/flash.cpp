@@ -1,8 +1,9 @@
 // flash: Br×Bc tiles with a running max and running sum per query row; O is rescaled as
 // key blocks arrive, so memory is O(Br·Bc + (Br+Bc)·d) per thread and never O(N²).
 // The tile step runs in ISPC when the build has ispc, else in its C++ twin (flash_tile.h).
-// Key blocks wholly above the causal diagonal are never visited; only blocks that cross it
-// are masked.
+// K and V are read in place (only Qᵀ is packed, once per query block: transposing K per key
+// block cost a third of the time at Br=48). Key blocks wholly above the causal diagonal are
+// never visited; only blocks that cross it are masked.
 #include <climits>
 
 #include "attention.h"
@@ -19,21 +20,24 @@
 
 namespace nanogpt {
 
-std::pair<int64_t, int64_t> flash_default_tiles(int64_t /*Nq*/, int64_t /*Nk*/, int64_t /*d*/) {
-  return {48, 256};
+// From `gpt.py sweep` (single-thread GFLOP/s, ISPC build): Br=128 is best from N=2048 on;
+// at N=1024 Br=64 wastes less on the causal diagonal and gives two threads more blocks to
+// share. Bc=512 is best up to d=64; a larger d keeps the score tile in L2 with Bc=256.
+std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t /*Nk*/, int64_t d) {
+  return {Nq >= 2048 ? 128 : 64, d <= 64 ? 512 : 256};
 }
 
 namespace {
 
 // One thread's scratch, carved from one ATen allocation (see flash_tile.h for the shapes).
 struct Scratch {
-  float *Qp, *O, *Kt, *Vp, *S, *m, *l;
-  static int64_t floats(int64_t brp, int64_t bcp, int64_t dp) {
-    return round_up(2 * brp * dp + 2 * dp * bcp + brp * bcp + 2 * brp, kLanes);
+  float *Qt, *St, *O, *m, *l, *tmp, *Vp;
+  static int64_t floats(int64_t nq, int64_t bc, int64_t d, int64_t dp, bool v_copy) {
+    return round_up(d * nq + bc * nq + nq * dp + 5 * nq + (v_copy ? bc * dp : 0), kLanes);
   }
-  Scratch(float* base, int64_t brp, int64_t bcp, int64_t dp)
-      : Qp(base), O(Qp + brp * dp), Kt(O + brp * dp), Vp(Kt + dp * bcp), S(Vp + bcp * dp),
-        m(S + brp * bcp), l(m + brp) {}
+  Scratch(float* base, int64_t nq, int64_t bc, int64_t d, int64_t dp)
+      : Qt(base), St(Qt + d * nq), O(St + bc * nq), m(O + nq * dp), l(m + nq), tmp(l + nq),
+        Vp(tmp + 3 * nq) {}
 };
 
 }  // namespace
@@ -41,10 +45,11 @@ struct Scratch {
 void flash_attention(const Problem& p) {
   const auto [br0, bc0] = flash_default_tiles(p.Nq, p.Nk, p.d);
   const int64_t br = std::min(p.br ? p.br : br0, p.Nq), bc = std::min(p.bc ? p.bc : bc0, p.Nk);
-  const int64_t brp = round_up(br, cpp::kRows), bcp = round_up(bc, kLanes), dp = round_up(p.d, kLanes);
-  const int64_t per_thread = Scratch::floats(brp, bcp, dp);
+  const int64_t nq_max = round_up(br, kLanes), dp = round_up(p.d, kLanes);
+  const bool v_in_place = dp == p.d;  // else V rows are copied with zero padding to dp
+  const int64_t per_thread = Scratch::floats(nq_max, bc, p.d, dp, !v_in_place);
   const int64_t threads = at::get_num_threads();
-  // Zeroed once: padding columns of Qp and Vp must stay 0 (they meet real numbers in FMAs).
+  // Zeroed once: Vp's padding columns must stay 0 (they meet real numbers in FMAs).
   at::Tensor scratch_t = at::zeros({threads, per_thread}, at::kFloat);
   float* scratch = scratch_t.data_ptr<float>();
 
@@ -52,31 +57,34 @@ void flash_attention(const Problem& p) {
   const int64_t BH = p.B * p.H, blocks = (p.Nq + br - 1) / br;
   // Item t is query block blocks-1-t/BH of head t%BH: the longest causal blocks go first.
   parallel_items(BH * blocks, threads, [&](int64_t t, int64_t slot) {
-    Scratch w(scratch + slot * per_thread, brp, bcp, dp);
+    Scratch w(scratch + slot * per_thread, nq_max, bc, p.d, dp);
     const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H;
     const int64_t i0 = (blocks - 1 - t / BH) * br, rows = std::min(br, p.Nq - i0);
+    const int64_t nq = round_up(rows, kLanes);
     const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
 
+    std::fill(w.Qt, w.Qt + p.d * nq, 0.f);  // lanes past `rows` compute harmless zeros
     for (int64_t r = 0; r < rows; ++r) {
       const float* q = p.q.row(b, h, i0 + r);
-      for (int64_t c = 0; c < p.d; ++c) w.Qp[r * dp + c] = q[c] * qscale;
+      for (int64_t c = 0; c < p.d; ++c) w.Qt[c * nq + r] = q[c] * qscale;
     }
-    std::fill(w.O, w.O + round_up(rows, cpp::kRows) * dp, 0.f);
-    std::fill(w.m, w.m + rows, kNegInf);
-    std::fill(w.l, w.l + rows, 0.f);
+    std::fill(w.O, w.O + nq * dp, 0.f);
+    std::fill(w.m, w.m + nq, kNegInf);
+    std::fill(w.l, w.l + nq, 0.f);
 
     for (int64_t j0 = 0; j0 < kend; j0 += bc) {
       const int64_t cols = std::min(bc, kend - j0);
-      for (int64_t j = 0; j < cols; ++j) {
-        const float* k = p.k.row(b, h, j0 + j);
-        const float* v = p.v.row(b, h, j0 + j);
-        for (int64_t c = 0; c < p.d; ++c) w.Kt[c * bcp + j] = k[c];
-        std::copy(v, v + p.d, w.Vp + j * dp);
+      const float* v = p.v.row(b, h, j0);
+      int64_t ldv = p.v.sn;
+      if (!v_in_place) {
+        for (int64_t j = 0; j < cols; ++j) std::copy(v + j * p.v.sn, v + j * p.v.sn + p.d, w.Vp + j * dp);
+        v = w.Vp;
+        ldv = dp;
       }
-      // Row r sees block columns c < r + diag.
+      // Query r sees block keys c < r + diag.
       const int64_t diag = p.causal ? std::clamp<int64_t>(i0 + 1 + p.Nk - p.Nq - j0, -rows, cols) : cols;
-      NANOGPT_TILE(w.Qp, w.Kt, w.Vp, w.S, w.O, w.m, w.l, int(rows), int(cols), int(p.d), int(dp),
-                   int(bcp), int(diag));
+      NANOGPT_TILE(w.Qt, p.k.row(b, h, j0), p.k.sn, v, ldv, w.St, w.O, w.m, w.l, w.tmp, int(rows),
+                   int(cols), int(p.d), int(dp), int(diag));
     }
 
     for (int64_t r = 0; r < rows; ++r) {  // normalise straight into the caller's layout

@@ -1,15 +1,19 @@
 // The flash tile step in C++: the twin of ispc/flash_tile.ispc, with the same signature and
 // the same arithmetic, used when the build has no ispc (and tested in that build).
 //
-// One step of the online softmax for `rows` query rows against one block of `cols` keys:
-//   Qp (rows6 × dp)  query rows, pre-multiplied by scale·log2(e), rows6 = round_up(rows, 6);
-//                    rows past `rows` hold finite junk (never written out)
-//   Kt (d × bcp)     the key block transposed, so 16 keys form one vector
-//   Vp (cols × dp)   the value block, columns past d zero
-//   S  (rows6 × bcp) scratch for scores, then probabilities
-//   O  (rows6 × dp)  unnormalised output, rescaled here when the running max grows
-//   m, l (rows)      running max and running sum, in log2 units
-// Row r sees the block's columns c < clamp(r + diag, 0, cols) (the causal diagonal).
+// One step of the online softmax for a block of queries against one block of `cols` keys.
+// Scores are kept transposed, keys × queries, so that K and V are read in place (a key's
+// elements are broadcast, 16 queries form a vector) and the per-query running max and sum
+// are plain vector operations. Only Qᵀ is packed, once per query block.
+//   Qt (d × nq)      the block's queries, transposed and pre-multiplied by scale·log2(e);
+//                    nq = round_up(rows, 16); lanes past `rows` are junk, never written out
+//   K  (cols × d)    key rows, row stride ldk;  V (cols × dp) value rows, row stride ldv
+//                    (dp = round_up(d, 16); V's columns past d must be readable and finite)
+//   St (cols × nq)   scratch: scores, then probabilities
+//   O  (nq × dp)     unnormalised output, rescaled here when a running max grows
+//   m, l (nq)        running max and running sum per query, in log2 units
+//   tmp (3·nq)       scratch
+// Query r sees the block's keys c < r + diag (the causal diagonal; diag ≥ cols: all).
 #pragma once
 
 #include <algorithm>
@@ -18,100 +22,116 @@
 
 namespace nanogpt::cpp {
 
-constexpr int kRows = 6;     // query rows per register block
-constexpr int kMaxVecs = 4;  // 16-float vectors per register block: 6×4 = 24 accumulators
+constexpr int kKeys = 6;                   // keys per register block of the score kernel
+constexpr int kMaxVecs = 4;                // vectors per register block: 6×4 = 24 accumulators
+constexpr int kPanel = kMaxVecs * kLanes;  // queries per score panel (its Qᵀ stays in L1)
+constexpr int kChunkBytes = 16384;         // P·V walks keys in chunks of V this big (fits L1)
 
-// S[r, 0:16·NV] = Σ_k Q[r, k]·Kt[k, 0:16·NV] for kRows rows.
-template <int NV>
-inline void qk_block(const float* Q, int ldq, const float* Kt, int ldk, float* S, int lds, int d) {
-  vf acc[kRows][NV] = {};
+// St[r, 0:16·NV] = Σ_k K[r, k]·Qt[k, 0:16·NV] for R keys.
+template <int R, int NV>
+inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d) {
+  vf acc[R][NV] = {};
   for (int k = 0; k < d; ++k) {
-    vf kv[NV];
+    vf qv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) kv[v] = vload(Kt + k * ldk + v * kLanes);
+    for (int v = 0; v < NV; ++v) qv[v] = vload(Qt + k * ldq + v * kLanes);
 #pragma GCC unroll 6
-    for (int r = 0; r < kRows; ++r) {
-      const vf q = vsplat(Q[r * ldq + k]);
+    for (int r = 0; r < R; ++r) {
+      const vf kr = vsplat(K[r * ldk + k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += q * kv[v];
+      for (int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];
     }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < NV; ++v) vstore(S + r * lds + v * kLanes, acc[r][v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(St + r * lds + v * kLanes, acc[r][v]);
 }
 
-// O[r, 0:16·NV] += Σ_{j < cols} P[r, j]·V[j, 0:16·NV] for kRows rows.
-template <int NV>
-inline void pv_block(const float* P, int ldp, const float* V, int ldv, float* O, int ldo, int cols) {
-  vf acc[kRows][NV];
-  for (int r = 0; r < kRows; ++r)
+// O[r, 0:16·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:16·NV] for R queries.
+template <int R, int NV>
+inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, float* O, int ldo, int cols) {
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vload(O + r * ldo + v * kLanes);
   for (int j = 0; j < cols; ++j) {
     vf vv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) vv[v] = vload(V + j * ldv + v * kLanes);
-#pragma GCC unroll 6
-    for (int r = 0; r < kRows; ++r) {
-      const vf pr = vsplat(P[r * ldp + j]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf pr = vsplat(Pt[j * ldp + r]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += pr * vv[v];
     }
   }
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(O + r * ldo + v * kLanes, acc[r][v]);
 }
 
-// Calls block<NV> for nv in 1..kMaxVecs (register blocks need compile-time widths).
-#define NANOGPT_BY_WIDTH(nv, block, ...)       \
-  switch (nv) {                                \
-    case 1: block<1>(__VA_ARGS__); break;      \
-    case 2: block<2>(__VA_ARGS__); break;      \
-    case 3: block<3>(__VA_ARGS__); break;      \
-    default: block<4>(__VA_ARGS__); break;     \
+// Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
+#define NANOGPT_BY_WIDTH(nv, block, R, ...)       \
+  switch (nv) {                                   \
+    case 1: block<R, 1>(__VA_ARGS__); break;      \
+    case 2: block<R, 2>(__VA_ARGS__); break;      \
+    case 3: block<R, 3>(__VA_ARGS__); break;      \
+    default: block<R, 4>(__VA_ARGS__); break;     \
   }
 
-inline void flash_tile(const float* Qp, const float* Kt, const float* Vp, float* S, float* O,
-                       float* m, float* l, int rows, int cols, int d, int dp, int bcp, int diag) {
-  const int rows6 = int(round_up(rows, kRows));
-  const int width = int(round_up(cols, kLanes));  // columns computed; ≤ bcp
+inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                       float* St, float* O, float* m, float* l, float* tmp, int rows, int cols,
+                       int d, int dp, int diag) {
+  const int nq = int(round_up(rows, kLanes));
 
-  // 1. S = Qp·Kt, one panel of up to 64 keys at a time so the panel stays in L1.
-  for (int c = 0; c < width; c += kMaxVecs * kLanes) {
-    const int nv = std::min(kMaxVecs, (width - c) / kLanes);
-    for (int r = 0; r < rows6; r += kRows)
-      NANOGPT_BY_WIDTH(nv, qk_block, Qp + r * dp, dp, Kt + c, bcp, S + r * bcp + c, bcp, d);
+  // 1. St = K·Qt: panels of up to 64 queries (Qᵀ panel in L1), blocks of 6 keys (1-key tail).
+  for (int i = 0; i < nq; i += kPanel) {
+    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
+    int j = 0;
+    for (; j + kKeys <= cols; j += kKeys)
+      NANOGPT_BY_WIDTH(nv, score_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d);
+    for (; j < cols; ++j)
+      NANOGPT_BY_WIDTH(nv, score_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d);
   }
 
-  // 2. Online softmax, row by row: mask, new max, P = 2^(S - max), rescale l and O.
-  for (int r = 0; r < rows; ++r) {
-    float* s = S + r * bcp;
-    std::fill(s + std::clamp(r + diag, 0, cols), s + width, kNegInf);
-    vf vm = vsplat(kNegInf);
-    for (int c = 0; c < width; c += kLanes) vm = vmax(vm, vload(s + c));
-    const float mnew = std::max(m[r], hmax(vm));
-    if (mnew == kNegInf) {  // nothing visible to this row yet
-      std::fill(s, s + width, 0.f);
-      continue;
+  // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
+  for (int j = std::max(0, diag); j < cols; ++j)
+    std::fill(St + j * nq, St + j * nq + std::min(nq, j - diag + 1), kNegInf);
+
+  // 3. Online softmax, 16 queries per vector: new max, P = 2^(S - max), rescale l and O.
+  float *msafe = tmp, *alpha = tmp + nq, *sum = tmp + 2 * nq;
+  std::fill(msafe, msafe + nq, kNegInf);
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < nq; i += kLanes) vstore(msafe + i, vmax(vload(msafe + i), vload(St + j * nq + i)));
+  for (int i = 0; i < nq; i += kLanes) {
+    const vf mold = vload(m + i), mnew = vmax(mold, vload(msafe + i));
+    const vf ms = mnew == kNegInf ? vf{} : mnew;  // a query that sees nothing yet: P = 0, not NaN
+    vstore(m + i, mnew);
+    vstore(msafe + i, ms);
+    vstore(alpha + i, vexp2(mold - ms));  // 0 on a query's first visible block
+    vstore(sum + i, vf{});
+  }
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < nq; i += kLanes) {
+      const vf e = vexp2(vload(St + j * nq + i) - vload(msafe + i));
+      vstore(St + j * nq + i, e);
+      vstore(sum + i, vload(sum + i) + e);
     }
-    vf vs = {};
-    for (int c = 0; c < width; c += kLanes) {
-      const vf e = vexp2(vload(s + c) - mnew);
-      vstore(s + c, e);
-      vs += e;
-    }
-    const float alpha = std::exp2(m[r] - mnew);  // 0 on the first visible block
-    l[r] = l[r] * alpha + hsum(vs);
-    m[r] = mnew;
-    if (alpha != 1.f)
-      for (int k = 0; k < dp; ++k) O[r * dp + k] *= alpha;
-  }
-  for (int r = rows; r < rows6; ++r) std::fill(S + r * bcp, S + r * bcp + width, 0.f);
+  for (int i = 0; i < nq; i += kLanes) vstore(l + i, vload(l + i) * vload(alpha + i) + vload(sum + i));
+  for (int r = 0; r < nq; ++r)
+    if (alpha[r] != 1.f)
+      for (int c = 0; c < dp; ++c) O[r * dp + c] *= alpha[r];
 
-  // 3. O += P·V, in column panels of up to 64 output features.
-  for (int c = 0; c < dp; c += kMaxVecs * kLanes) {
-    const int nv = std::min(kMaxVecs, (dp - c) / kLanes);
-    for (int r = 0; r < rows6; r += kRows)
-      NANOGPT_BY_WIDTH(nv, pv_block, S + r * bcp, bcp, Vp + c, dp, O + r * dp + c, dp, cols);
+  // 4. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  const int chunk = std::max(kLanes, kChunkBytes / int(sizeof(float)) / dp);
+  for (int j = 0; j < cols; j += chunk) {
+    const int n = std::min(chunk, cols - j);
+    for (int c = 0; c < dp; c += kPanel) {
+      const int nv = std::min(kMaxVecs, (dp - c) / kLanes);
+      const float* Pt = St + j * nq;
+      const float* Vj = V + j * ldv + c;
+      if (nv == kMaxVecs)  // 4×4 accumulators; narrower panels take 8 queries at a time
+        for (int r = 0; r < nq; r += 4) pv_block<4, 4>(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      else
+        for (int r = 0; r < nq; r += 8) NANOGPT_BY_WIDTH(nv, pv_block, 8, Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+    }
   }
 }
 

@@ -1,14 +1,16 @@
-// The flash tile step in ISPC: same signature and arithmetic as csrc/flash_tile.h (read the
-// shapes there). One varying float = programCount consecutive columns: 16 on avx512skx-x16,
+// The flash tile step in ISPC: same signature, layout and arithmetic as csrc/flash_tile.h
+// (read the shapes there): scores kept transposed, keys × queries; K and V read in place.
+// One varying float = programCount consecutive queries or features: 16 on avx512skx-x16,
 // 8 on avx2-i32x8; ispc's multi-target build picks the target at run time.
 
-#define ROWS 6  // query rows per register block (the C++ twin's kRows; callers pad to it)
+#define KEYS 6       // keys per register block of the score kernel (the twin's kKeys)
+#define PANEL 64     // queries per score panel (the twin's kPanel)
+#define CHUNK 16384  // P·V walks keys in chunks of V this many bytes (the twin's kChunkBytes)
 #if TARGET_WIDTH >= 16
 #define VECS 4  // 6×4 accumulators of 32 zmm registers
 #else
 #define VECS 2  // 6×2 accumulators of 16 ymm registers
 #endif
-
 #define kNegInf (-floatbits(0x7f800000))
 
 // 2^x as in the C++ twin: x below -125 (and -inf) gives 0, NaN stays NaN.
@@ -28,104 +30,157 @@ static inline float exp2_poly(float x) {
   return under ? 0.f : r;
 }
 
-// S[r, 0:W·NV] = Σ_k Q[r, k]·Kt[k, 0:W·NV] for ROWS rows; NV = VECS or 1 (the tail).
-#define QK_BLOCK(NAME, NV)                                                                   \
-  static inline void NAME(const uniform float Q[], uniform int ldq, const uniform float Kt[], \
-                          uniform int ldk, uniform float S[], uniform int lds, uniform int d) { \
-    float acc[ROWS][NV];                                                                     \
-    _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r)                                 \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] = 0.f;                \
-    for (uniform int k = 0; k < d; ++k) {                                                    \
-      float kv[NV];                                                                          \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                 \
-        kv[v] = Kt[k * ldk + v * programCount + programIndex];                               \
-      _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r) {                             \
-        const uniform float q = Q[r * ldq + k];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += q * kv[v];       \
-      }                                                                                      \
-    }                                                                                        \
-    _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r)                                 \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                 \
-        S[r * lds + v * programCount + programIndex] = acc[r][v];                            \
+// St[r, 0:W·NV] = Σ_k K[r, k]·Qt[k, 0:W·NV] for R keys.
+#define SCORE_BLOCK(NAME, R, NV)                                                              \
+  static inline void NAME(const uniform float K[], uniform int64 ldk, const uniform float Qt[],  \
+                          uniform int ldq, uniform float St[], uniform int lds, uniform int d) { \
+    float acc[R][NV];                                                                         \
+    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] = 0.f;                 \
+    for (uniform int k = 0; k < d; ++k) {                                                     \
+      float qv[NV];                                                                           \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
+        qv[v] = Qt[k * ldq + v * programCount + programIndex];                                \
+      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
+        const uniform float kr = K[r * ldk + k];                                              \
+        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];       \
+      }                                                                                       \
+    }                                                                                         \
+    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
+        St[r * lds + v * programCount + programIndex] = acc[r][v];                            \
   }
 
-// O[r, 0:W·NV] += Σ_{j < cols} P[r, j]·V[j, 0:W·NV] for ROWS rows.
-#define PV_BLOCK(NAME, NV)                                                                   \
-  static inline void NAME(const uniform float P[], uniform int ldp, const uniform float V[],  \
-                          uniform int ldv, uniform float O[], uniform int ldo, uniform int cols) { \
-    float acc[ROWS][NV];                                                                     \
-    _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r)                                 \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                 \
-        acc[r][v] = O[r * ldo + v * programCount + programIndex];                            \
-    for (uniform int j = 0; j < cols; ++j) {                                                 \
-      float vv[NV];                                                                          \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                 \
-        vv[v] = V[j * ldv + v * programCount + programIndex];                                \
-      _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r) {                             \
-        const uniform float p = P[r * ldp + j];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += p * vv[v];       \
-      }                                                                                      \
-    }                                                                                        \
-    _Pragma("unroll") for (uniform int r = 0; r < ROWS; ++r)                                 \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                 \
-        O[r * ldo + v * programCount + programIndex] = acc[r][v];                            \
+// O[r, 0:W·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:W·NV] for R queries.
+#define PV_BLOCK(NAME, R, NV)                                                                 \
+  static inline void NAME(const uniform float Pt[], uniform int ldp, const uniform float V[],   \
+                          uniform int64 ldv, uniform float O[], uniform int ldo, uniform int cols) { \
+    float acc[R][NV];                                                                         \
+    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
+        acc[r][v] = O[r * ldo + v * programCount + programIndex];                             \
+    for (uniform int j = 0; j < cols; ++j) {                                                  \
+      float vv[NV];                                                                           \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
+        vv[v] = V[j * ldv + v * programCount + programIndex];                                 \
+      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
+        const uniform float p = Pt[j * ldp + r];                                              \
+        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += p * vv[v];        \
+      }                                                                                       \
+    }                                                                                         \
+    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
+      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
+        O[r * ldo + v * programCount + programIndex] = acc[r][v];                             \
   }
 
-QK_BLOCK(qk_wide, VECS)
-QK_BLOCK(qk_one, 1)
-PV_BLOCK(pv_wide, VECS)
-PV_BLOCK(pv_one, 1)
+SCORE_BLOCK(score_wide, KEYS, VECS)
+SCORE_BLOCK(score_one, KEYS, 1)
+SCORE_BLOCK(score_wide_tail, 1, VECS)
+SCORE_BLOCK(score_one_tail, 1, 1)
+PV_BLOCK(pv_wide, 4, VECS)  // 4 queries × VECS vectors
+PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
+#if VECS > 2
+SCORE_BLOCK(score_two, KEYS, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
+SCORE_BLOCK(score_two_tail, 1, 2)
+PV_BLOCK(pv_two, 8, 2)
+#else
+#define score_two score_wide
+#define score_two_tail score_wide_tail
+#define pv_two pv_wide
+#endif
 
-export void flash_tile(const uniform float Qp[], const uniform float Kt[], const uniform float Vp[],
-                       uniform float S[], uniform float O[], uniform float m[], uniform float l[],
+// How many vectors the next register block covers, of `left` remaining.
+static inline uniform int block_vecs(uniform int left) { return left >= VECS ? VECS : left >= 2 ? 2 : 1; }
+
+export void flash_tile(const uniform float Qt[], const uniform float K[], uniform int64 ldk,
+                       const uniform float V[], uniform int64 ldv, uniform float St[],
+                       uniform float O[], uniform float m[], uniform float l[], uniform float tmp[],
                        uniform int rows, uniform int cols, uniform int d, uniform int dp,
-                       uniform int bcp, uniform int diag) {
-  const uniform int rows6 = (rows + ROWS - 1) / ROWS * ROWS;
-  const uniform int width = (cols + 15) / 16 * 16;  // the twin's width: a multiple of both W
+                       uniform int diag) {
+  const uniform int nq = (rows + 15) / 16 * 16;
 
-  // 1. S = Qp·Kt in panels of VECS vectors (one vector for the tail).
-  for (uniform int c = 0; c < width;) {
-    if (c + VECS * programCount <= width) {
-      for (uniform int r = 0; r < rows6; r += ROWS) qk_wide(Qp + r * dp, dp, Kt + c, bcp, S + r * bcp + c, bcp, d);
-      c += VECS * programCount;
-    } else {
-      for (uniform int r = 0; r < rows6; r += ROWS) qk_one(Qp + r * dp, dp, Kt + c, bcp, S + r * bcp + c, bcp, d);
-      c += programCount;
+  // 1. St = K·Qt: panels of up to 64 queries, blocks of KEYS keys (1-key tail).
+  for (uniform int i = 0; i < nq; i += PANEL) {
+    const uniform int pend = min(nq, i + PANEL);
+    for (uniform int c = i; c < pend;) {
+      const uniform int nv = block_vecs((pend - c) / programCount);
+      uniform int j = 0;
+      for (; j + KEYS <= cols; j += KEYS) {
+        if (nv == VECS) score_wide(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+        else if (nv == 2) score_two(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+        else score_one(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+      }
+      for (; j < cols; ++j) {
+        if (nv == VECS) score_wide_tail(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+        else if (nv == 2) score_two_tail(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+        else score_one_tail(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
+      }
+      c += nv * programCount;
     }
   }
 
-  // 2. Online softmax, row by row.
-  for (uniform int r = 0; r < rows; ++r) {
-    uniform float* uniform s = S + r * bcp;
-    foreach (c = clamp(r + diag, 0, cols)... width) s[c] = kNegInf;
-    float vm = kNegInf;
-    foreach (c = 0 ... width) vm = s[c] > vm ? s[c] : vm;
-    const uniform float mnew = max(m[r], reduce_max(vm));
-    if (mnew == kNegInf) {  // nothing visible to this row yet
-      foreach (c = 0 ... width) s[c] = 0.f;
-      continue;
-    }
-    float vs = 0.f;
-    foreach (c = 0 ... width) {
-      const float e = exp2_poly(s[c] - mnew);
-      s[c] = e;
-      vs += e;
-    }
-    const uniform float alpha = extract(exp2_poly(m[r] - mnew), 0);  // 0 on the first visible block
-    l[r] = l[r] * alpha + reduce_add(vs);
-    m[r] = mnew;
-    if (alpha != 1.f) foreach (k = 0 ... dp) O[r * dp + k] *= alpha;
+  // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
+  for (uniform int j = max(0, diag); j < cols; ++j) {
+    foreach (r = 0 ... min(nq, j - diag + 1)) St[j * nq + r] = kNegInf;
   }
-  for (uniform int r = rows; r < rows6; ++r) foreach (c = 0 ... width) S[r * bcp + c] = 0.f;
 
-  // 3. O += P·V in panels of VECS vectors of output features.
-  for (uniform int c = 0; c < dp;) {
-    if (c + VECS * programCount <= dp) {
-      for (uniform int r = 0; r < rows6; r += ROWS) pv_wide(S + r * bcp, bcp, Vp + c, dp, O + r * dp + c, dp, cols);
-      c += VECS * programCount;
-    } else {
-      for (uniform int r = 0; r < rows6; r += ROWS) pv_one(S + r * bcp, bcp, Vp + c, dp, O + r * dp + c, dp, cols);
-      c += programCount;
+  // 3. Online softmax, one lane per query. nq and dp are multiples of 16, so plain loops over
+  //    whole vectors replace foreach (whose set-up per key row cost more than its body).
+  uniform float* uniform msafe = tmp;
+  uniform float* uniform alpha = tmp + nq;
+  uniform float* uniform sum = tmp + 2 * nq;
+  for (uniform int r = 0; r < nq; r += programCount) msafe[r + programIndex] = kNegInf;
+  for (uniform int j = 0; j < cols; ++j) {
+    const uniform float* uniform s = St + j * nq;
+    for (uniform int r = 0; r < nq; r += programCount) {
+      const float x = s[r + programIndex];
+      msafe[r + programIndex] = x > msafe[r + programIndex] ? x : msafe[r + programIndex];
+    }
+  }
+  for (uniform int r = 0; r < nq; r += programCount) {
+    const int i = r + programIndex;
+    const float mold = m[i];
+    const float mnew = msafe[i] > mold ? msafe[i] : mold;
+    const float ms = mnew == kNegInf ? 0.f : mnew;  // a query that sees nothing yet: P = 0, not NaN
+    m[i] = mnew;
+    msafe[i] = ms;
+    alpha[i] = exp2_poly(mold - ms);  // 0 on a query's first visible block
+    sum[i] = 0.f;
+  }
+  for (uniform int j = 0; j < cols; ++j) {
+    uniform float* uniform s = St + j * nq;
+    for (uniform int r = 0; r < nq; r += programCount) {
+      const float e = exp2_poly(s[r + programIndex] - msafe[r + programIndex]);
+      s[r + programIndex] = e;
+      sum[r + programIndex] += e;
+    }
+  }
+  for (uniform int r = 0; r < nq; r += programCount) {
+    const int i = r + programIndex;
+    l[i] = l[i] * alpha[i] + sum[i];
+  }
+  for (uniform int r = 0; r < nq; ++r) {
+    const uniform float a = alpha[r];
+    if (a != 1.f)
+      for (uniform int c = 0; c < dp; c += programCount) O[r * dp + c + programIndex] *= a;
+  }
+
+  // 4. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  const uniform int chunk = max(16, CHUNK / 4 / dp);
+  for (uniform int j = 0; j < cols; j += chunk) {
+    const uniform int n = min(chunk, cols - j);
+    for (uniform int c = 0; c < dp;) {
+      const uniform int nv = block_vecs((dp - c) / programCount);
+      const uniform float* uniform Pt = St + j * nq;
+      const uniform float* uniform Vj = V + j * ldv + c;
+      if (nv == VECS) {
+        for (uniform int r = 0; r < nq; r += 4) pv_wide(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      } else if (nv == 2) {
+        for (uniform int r = 0; r < nq; r += 8) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      } else {
+        for (uniform int r = 0; r < nq; r += 8) pv_one(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      }
+      c += nv * programCount;
     }
   }
 }
