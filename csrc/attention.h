@@ -53,6 +53,18 @@ void blocked_attention(const Problem& p);
 void fused_attention(const Problem& p);
 void flash_attention(const Problem& p);
 
+// K transposed, (B, H, d, ldk) with keys in [0, Nk): one copy, so that the row-wise variants
+// compute a query's scores as d vectorised passes over keys instead of Nk short dot products.
+// ldk is padded past a multiple of 16: with a power-of-two stride (Nk = 1024: 4 KiB) a walk
+// down the d rows of one column would land in a single L1 set.
+inline at::Tensor keys_transposed(const Problem& p) {
+  const int64_t ldk = (p.Nk + 15) / 16 * 16 + 16;
+  at::Tensor kt = at::empty({p.B, p.H, p.d, ldk}, at::kFloat);
+  kt.narrow(3, 0, p.Nk).copy_(
+      at::from_blob(p.k.data, {p.B, p.H, p.Nk, p.d}, {p.k.sb, p.k.sh, p.k.sn, 1}, at::kFloat).transpose(2, 3));
+  return kt;
+}
+
 // Default flash tiles for a shape (chosen from `gpt.py sweep` on this machine).
 std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
 

@@ -1,6 +1,6 @@
 // fused: one query row at a time, scores → softmax → P·V without leaving the row, so the
-// only scratch is one Nk×1 row per thread instead of the Nq×Nk matrix; OpenMP over
-// (batch, head, row).
+// score scratch is one Nk×1 row per thread instead of the Nq×Nk matrix; OpenMP over
+// (batch, head, row). (K is transposed once, a copy the size of K, to vectorise over keys.)
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -11,6 +11,9 @@ void fused_attention(const Problem& p) {
   const int64_t threads = at::get_num_threads();
   at::Tensor rows_t = at::empty({threads, std::max<int64_t>(p.Nk, 1)}, at::kFloat);  // (threads, Nk)
   float* rows = rows_t.data_ptr<float>();
+  const at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
+  const float* Kt = Kt_t.data_ptr<float>();
+  const int64_t ldk = Kt_t.size(3);
   const float c = p.scale * kLog2e;
   const int64_t BH = p.B * p.H;
   // Item t is row Nq-1-t/BH of head t%BH: the longest causal rows go first.
@@ -19,12 +22,12 @@ void fused_attention(const Problem& p) {
     float* s = rows + slot * rows_t.size(1);
     const float* q = p.q.row(b, h, i);
     const int64_t end = p.key_end(i);
-    for (int64_t j = 0; j < end; ++j) s[j] = c * dot(q, p.k.row(b, h, j), p.d);
+    scores_row(q, Kt + bh * p.d * ldk, ldk, p.d, c, s, end);
     const float sum = softmax2_unnormalised(s, end);
     float* o = p.o.row(b, h, i);
     std::fill(o, o + p.d, 0.f);
     if (sum == 0.f) return;  // no visible key: a zero row, as SDPA gives
-    for (int64_t j = 0; j < end; ++j) axpy(o, s[j], p.v.row(b, h, j), p.d);
+    pv_row(s, p.v.row(b, h, 0), p.v.sn, end, p.d, o);
     const float inv = 1.f / sum;
     for (int64_t k = 0; k < p.d; ++k) o[k] *= inv;
   });

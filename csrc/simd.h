@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
 
 namespace nanogpt {
@@ -64,18 +65,39 @@ inline vf vexp2(vf x) {
 // ---------------------------------------------------------------------------------------
 // Row helpers shared by the unfused variants (naive, blocked) and the fused one.
 
-// Σ a[i]·b[i]
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// s[j] = c·Σ_k q[k]·Kt[k·ldk + j] for j in [0, n): one query's scores against n keys, from
+// keys transposed (d × ldk). Vectorised over keys, four k per pass over s.
+inline void scores_row(const float* q, const float* Kt, int64_t ldk, int64_t d, float c, float* s, int64_t n) {
+  std::fill(s, s + n, 0.f);
+  int64_t k = 0;
+  for (; k + 4 <= d; k += 4) {
+    const float q0 = c * q[k], q1 = c * q[k + 1], q2 = c * q[k + 2], q3 = c * q[k + 3];
+    const float *k0 = Kt + k * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] += q0 * k0[j] + q1 * k1[j] + q2 * k2[j] + q3 * k3[j];
+  }
+  for (; k < d; ++k) {
+    const float qk = c * q[k];
+    const float* kk = Kt + k * ldk;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] += qk * kk[j];
+  }
 }
 
-// y += a·x
-inline void axpy(float* y, float a, const float* x, int64_t n) {
+// o[c] += Σ_j p[j]·V[j·ldv + c] for j in [0, n), c in [0, d): vectorised over features,
+// four value rows per pass over o.
+inline void pv_row(const float* p, const float* V, int64_t ldv, int64_t n, int64_t d, float* o) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float *v0 = V + j * ldv, *v1 = v0 + ldv, *v2 = v1 + ldv, *v3 = v2 + ldv;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+    for (int64_t c = 0; c < d; ++c) o[c] += p[j] * v0[c] + p[j + 1] * v1[c] + p[j + 2] * v2[c] + p[j + 3] * v3[c];
+  }
+  for (; j < n; ++j) {
+    const float* vj = V + j * ldv;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] += p[j] * vj[c];
+  }
 }
 
 // In place: s[j] = 2^(s[j] - max s) for a row of n log2-scaled scores; returns Σ s[j].

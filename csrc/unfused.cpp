@@ -22,15 +22,38 @@ at::Tensor score_matrix(const Problem& p, const char* variant) {
 }
 
 // S[i, j] = (q_i · k_j)·scale·log2(e) for visible keys, -inf above the causal diagonal;
-// rows [i0, i1) by keys [j0, j1).
-void scores(const Problem& p, int64_t b, int64_t h, float* S, int64_t i0, int64_t i1,
-            int64_t j0, int64_t j1) {
-  const float c = p.scale * kLog2e;
+// rows [i0, i1) by keys [j0, j1). Kt: this head's keys transposed (d × ldk).
+void scores(const Problem& p, int64_t b, int64_t h, const float* Kt, int64_t ldk, float* S,
+            int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   for (int64_t i = i0; i < i1; ++i) {
-    const float* q = p.q.row(b, h, i);
-    const int64_t end = p.key_end(i);
     float* s = S + i * p.Nk;
-    for (int64_t j = j0; j < j1; ++j) s[j] = j < end ? c * dot(q, p.k.row(b, h, j), p.d) : kNegInf;
+    const int64_t end = std::clamp(p.key_end(i), j0, j1);
+    scores_row(p.q.row(b, h, i), Kt + j0, ldk, p.d, p.scale * kLog2e, s + j0, end - j0);
+    std::fill(s + end, s + j1, kNegInf);
+  }
+}
+
+// blocked's register tile: S[r, 0:8] = c·Σ_k Q[r, k]·Kt[k, 0:8] for 8 query rows (rows past
+// `rows` repeat row 0 and are not stored) and 8 keys, accumulated in eight 8-float registers.
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+
+void score_tile8(const Problem& p, int64_t b, int64_t h, const float* Kt, int64_t ldk, float* S,
+                 int64_t i0, int rows, int64_t j0) {
+  const float* q[8];
+  for (int r = 0; r < 8; ++r) q[r] = p.q.row(b, h, i0 + (r < rows ? r : 0));
+  vf8 acc[8] = {};
+  for (int64_t k = 0; k < p.d; ++k) {
+    vf8 kv;
+    std::memcpy(&kv, Kt + k * ldk + j0, sizeof kv);
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) acc[r] += q[r][k] * kv;
+  }
+  const float c = p.scale * kLog2e;
+  for (int r = 0; r < rows; ++r) {
+    const vf8 sr = acc[r] * c;
+    std::memcpy(S + (i0 + r) * p.Nk + j0, &sr, sizeof sr);
+    const int64_t end = p.key_end(i0 + r);  // causal: hide keys past the row's diagonal
+    for (int64_t j = std::max(end, j0); j < j0 + 8; ++j) S[(i0 + r) * p.Nk + j] = kNegInf;
   }
 }
 
@@ -38,10 +61,8 @@ void scores(const Problem& p, int64_t b, int64_t h, float* S, int64_t i0, int64_
 void accumulate_pv(const Problem& p, int64_t b, int64_t h, const float* P, int64_t i0,
                    int64_t i1, int64_t j0, int64_t j1) {
   for (int64_t i = i0; i < i1; ++i) {
-    float* o = p.o.row(b, h, i);
-    const float* pi = P + i * p.Nk;
     const int64_t end = std::min(j1, p.key_end(i));  // masked keys contribute nothing
-    for (int64_t j = j0; j < end; ++j) axpy(o, pi[j], p.v.row(b, h, j), p.d);
+    if (end > j0) pv_row(P + i * p.Nk + j0, p.v.row(b, h, j0), p.v.sn, end - j0, p.d, p.o.row(b, h, i));
   }
 }
 
@@ -68,15 +89,25 @@ void normalise(const Problem& p, int64_t b, int64_t h, const float* rowsum, int6
 // Shared skeleton; tr×tc tiles (tr = tc = N for naive: one row against all keys at a time).
 void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
   at::Tensor S_t = score_matrix(p, name), rowsum_t = at::empty({p.Nq}, at::kFloat);
+  at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
   float* S = S_t.data_ptr<float>();
   float* rowsum = rowsum_t.data_ptr<float>();
   const int64_t row_tiles = (p.Nq + tr - 1) / tr;
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.H; ++h) {
+      const float* Kt = Kt_t[b][h].data_ptr<float>();
+      const int64_t ldk = Kt_t.size(3);
       at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {  // pass 1: S = QKᵀ
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t j0 = 0; j0 < p.Nk; j0 += tc)
-            scores(p, b, h, S, t * tr, std::min(p.Nq, (t + 1) * tr), j0, std::min(p.Nk, j0 + tc));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i0 = t * tr, i1 = std::min(p.Nq, i0 + tr);
+          for (int64_t j0 = 0; j0 < p.Nk; j0 += tc) {
+            const int64_t j1 = std::min(p.Nk, j0 + tc);
+            if (tr <= 8 && tc == 8 && j1 - j0 == 8)  // blocked's default tile, in registers
+              score_tile8(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
+            else
+              scores(p, b, h, Kt, ldk, S, i0, i1, j0, j1);
+          }
+        }
       });
       softmax_rows(p, S, rowsum);  // pass 2: P = softmax(S)
       at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {  // pass 3: O = PV
@@ -93,8 +124,8 @@ void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
 
 }  // namespace
 
-// naive: S = QKᵀ as a full Nq×Nk matrix, one row of dot products at a time; row softmax;
-// O = PV. The textbook algorithm; O(N²) memory.
+// naive: S = QKᵀ as a full Nq×Nk matrix, one row at a time; row softmax; O = PV.
+// The textbook algorithm; O(N²) memory.
 void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk); }
 
 // blocked: adds tiling of both matmuls (br×bc, 8×8 by default) so a tile of K and V rows
