@@ -89,7 +89,13 @@ void flash_attention(const Problem& p) {
 
     for (int64_t r = 0; r < rows; ++r) {  // normalise straight into the caller's layout
       float* o = p.o.row(b, h, i0 + r);
-      const float inv = w.l[r] == 0.f ? 0.f : 1.f / w.l[r];  // 0: the row sees no key
+      // A row whose running max never became finite saw no key, or only NaN or -inf scores:
+      // SDPA treats it as fully masked and writes zeros; so do we.
+      if (w.m[r] == kNegInf) {
+        std::fill(o, o + p.d, 0.f);
+        continue;
+      }
+      const float inv = 1.f / w.l[r];
       for (int64_t c = 0; c < p.d; ++c) o[c] = w.O[r * dp + c] * inv;
     }
   });

@@ -99,9 +99,9 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
   float *msafe = tmp, *alpha = tmp + nq, *sum = tmp + 2 * nq;
   std::fill(msafe, msafe + nq, kNegInf);
   for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < nq; i += kLanes) vstore(msafe + i, vmax(vload(msafe + i), vload(St + j * nq + i)));
+    for (int i = 0; i < nq; i += kLanes) vstore(msafe + i, vmax(vload(St + j * nq + i), vload(msafe + i)));
   for (int i = 0; i < nq; i += kLanes) {
-    const vf mold = vload(m + i), mnew = vmax(mold, vload(msafe + i));
+    const vf mold = vload(m + i), mnew = vmax(vload(msafe + i), mold);
     const vf ms = mnew == kNegInf ? vf{} : mnew;  // a query that sees nothing yet: P = 0, not NaN
     vstore(m + i, mnew);
     vstore(msafe + i, ms);

@@ -27,11 +27,14 @@ inline vf vload(const float* p) {
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vsplat(float x) { return vf{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // a NaN lane yields b
+// Maxima propagate NaN: a NaN score makes its query's output NaN, as in SDPA's vectorised
+// softmax (SDPA's scalar tail, for rows of under 16 keys, skips NaN instead).
+inline float smax(float x, float m) { return x > m || x != x ? x : m; }
+inline vf vmax(vf x, vf m) { return (x > m) | (x != x) ? x : m; }
 
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  float m = kNegInf;
+  for (int i = 0; i < kLanes; ++i) m = smax(v[i], m);
   return m;
 }
 inline float hsum(vf v) {
@@ -101,13 +104,14 @@ inline void pv_row(const float* p, const float* V, int64_t ldv, int64_t n, int64
 }
 
 // In place: s[j] = 2^(s[j] - max s) for a row of n log2-scaled scores; returns Σ s[j].
-// A row whose scores are all -inf (fully masked) becomes all zeros and returns 0.
+// A row with no score above -inf (fully masked) becomes all zeros and returns 0, as in SDPA;
+// a NaN score makes the sum NaN.
 inline float softmax2_unnormalised(float* s, int64_t n) {
   vf vm = vsplat(kNegInf);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) vm = vmax(vm, vload(s + j));
+  for (; j + kLanes <= n; j += kLanes) vm = vmax(vload(s + j), vm);
   float m = hmax(vm);
-  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  for (; j < n; ++j) m = smax(s[j], m);
   if (m == kNegInf) {
     std::fill(s, s + n, 0.f);
     return 0.f;

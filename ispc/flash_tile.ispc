@@ -30,6 +30,10 @@ static inline float exp2_poly(float x) {
   return under ? 0.f : r;
 }
 
+// max(x, m) that propagates NaN, as the C++ twin's vmax: a NaN score makes its query's
+// output NaN, as in SDPA's vectorised softmax.
+static inline float nan_max(float x, float m) { return x > m || x != x ? x : m; }
+
 // St[r, 0:W·NV] = Σ_k K[r, k]·Qt[k, 0:W·NV] for R keys.
 #define SCORE_BLOCK(NAME, R, NV)                                                              \
   static inline void NAME(const uniform float K[], uniform int64 ldk, const uniform float Qt[],  \
@@ -134,13 +138,13 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
     const uniform float* uniform s = St + j * nq;
     for (uniform int r = 0; r < nq; r += programCount) {
       const float x = s[r + programIndex];
-      msafe[r + programIndex] = x > msafe[r + programIndex] ? x : msafe[r + programIndex];
+      msafe[r + programIndex] = nan_max(x, msafe[r + programIndex]);
     }
   }
   for (uniform int r = 0; r < nq; r += programCount) {
     const int i = r + programIndex;
     const float mold = m[i];
-    const float mnew = msafe[i] > mold ? msafe[i] : mold;
+    const float mnew = nan_max(msafe[i], mold);
     const float ms = mnew == kNegInf ? 0.f : mnew;  // a query that sees nothing yet: P = 0, not NaN
     m[i] = mnew;
     msafe[i] = ms;

@@ -2,8 +2,8 @@
 loader (ninja). Used by nanogpt.extension() and by setup.py, so both build the same thing.
 
 ispc is looked for in $ISPC, on PATH, then in the project's .ispc/ (scripts/install_ispc.sh).
-NANOGPT_ISPC=0 forces the C++-only build (the twin kernels), which lives in its own build
-folder so both builds stay cached side by side.
+NANOGPT_ISPC=0 forces the C++-only build (the twin kernels), NANOGPT_SANITIZE=1 a build with
+AddressSanitizer and UBSan; each lives in its own build folder, so all stay cached side by side.
 """
 from __future__ import annotations
 
@@ -74,48 +74,65 @@ def build_root() -> Path:
     return Path(os.environ.get("NANOGPT_BUILD_DIR", default))
 
 
-def load(verbose: bool = False):
-    """Builds (first time: about a minute) or loads (about a second) the JIT extension.
+def sanitize_flags() -> list[str]:
+    """NANOGPT_SANITIZE=1 builds with AddressSanitizer and UBSan (scripts/sanitize.sh runs the
+    tests that way); any report aborts the process."""
+    if os.environ.get("NANOGPT_SANITIZE", "0") == "0":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
-    A lock that the OS releases when its process dies (filelock's flock) guards the build,
-    so a build killed half-way never leaves the next one waiting; torch's own lock file,
-    which does outlive a killed build, is removed under it.
+
+def locked_jit(name: str, folder: Path, verbose: bool = False, **load_args):
+    """torch.utils.cpp_extension.load into folder/torch, safe against killed and concurrent builds.
+
+    A lock that the OS releases when its process dies (filelock's flock) serialises builds, so
+    two processes starting at once build once and both load. torch's own lock file does
+    outlive a killed build (and would make every later start wait forever); holding our
+    lock, any such file is stale, so it is removed, and we say so.
     """
     import torch.utils.cpp_extension as cpp_ext
     from filelock import FileLock
 
-    ispc = find_ispc()
-    name = "nanogpt_ext" if ispc else "nanogpt_ext_cpp"
-    folder = build_root() / name
     folder.mkdir(parents=True, exist_ok=True)
+    torch_dir = folder / "torch"
     with FileLock(str(folder) + ".lock"):
-        torch_dir = folder / "torch"
         torch_dir.mkdir(exist_ok=True)
         stale = torch_dir / "lock"
         if stale.exists():
-            print(f"nanogpt: removed {stale}, left by a build that was killed", file=sys.stderr)
+            print(f"nanogpt: removed {stale}, left by a build that was killed; rebuilding", file=sys.stderr)
             stale.unlink()
-        cflags, ldflags, includes = list(CXX_FLAGS), list(LD_FLAGS), []
-        if ispc:
-            objects, header_dir = compile_ispc(ispc, folder)
-            cflags.append("-DNANOGPT_WITH_ISPC")
-            ldflags = objects + ldflags
-            includes.append(str(header_dir))
-        args = dict(name=name, sources=sources(), extra_cflags=cflags, extra_ldflags=ldflags,
-                    extra_include_paths=includes, build_directory=str(torch_dir), verbose=verbose)
+        if not any(torch_dir.glob("*.so")):
+            print(f"nanogpt: compiling {name} into {torch_dir} (first use: about a minute)", file=sys.stderr)
+        args = dict(name=name, build_directory=str(torch_dir), verbose=verbose, **load_args)
         try:
             return cpp_ext.load(**args)
         except (ImportError, OSError) as err:  # e.g. a truncated .so from a killed link
-            print(f"nanogpt: rebuilding from scratch after: {err}", file=sys.stderr)
+            print(f"nanogpt: rebuilding {name} from scratch after: {err}", file=sys.stderr)
             shutil.rmtree(torch_dir)
             torch_dir.mkdir()
             return cpp_ext.load(**args)
 
 
+def load(verbose: bool = False):
+    """Builds (first time: about a minute) or loads (about a second) the JIT extension."""
+    ispc = find_ispc()
+    sanitize = sanitize_flags()
+    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize else "")
+    folder = build_root() / name
+    cflags, ldflags, includes = CXX_FLAGS + sanitize, LD_FLAGS + sanitize, []
+    if ispc:
+        objects, header_dir = compile_ispc(ispc, folder)
+        cflags.append("-DNANOGPT_WITH_ISPC")
+        ldflags = objects + ldflags
+        includes.append(str(header_dir))
+    return locked_jit(name, folder, verbose, sources=sources(), extra_cflags=cflags,
+                      extra_ldflags=ldflags, extra_include_paths=includes)
+
+
 def describe(ispc: str | None = None) -> dict:
     """What a build from this checkout uses (for build_info)."""
     ispc = ispc if ispc is not None else find_ispc()
-    info = {"cxx_flags": " ".join(CXX_FLAGS)}
+    info = {"cxx_flags": " ".join(CXX_FLAGS + sanitize_flags())}
     if ispc:
         info["ispc"] = f"{ispc_version(ispc)} ({ispc}), targets " + ", ".join(ISPC_TARGETS)
     else:

@@ -1,0 +1,64 @@
+"""The build never hangs: a build killed half-way does not block the next one, and two
+processes starting at once build once and both load. Driven through nanogpt._build's locked
+JIT loader with a tiny pybind module (seconds to compile), in a private build folder."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from nanogpt import _build
+    src = Path({folder!r}) / "tiny.cpp"
+    mod = _build.locked_jit("tiny_ext", Path({folder!r}) / "build", sources=[str(src)])
+    print("loaded", mod.answer())
+""")
+
+
+def start(folder: Path) -> subprocess.Popen:
+    script = SCRIPT.format(root=str(ROOT), folder=str(folder))
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # own process group: kill takes ninja too
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "tiny.cpp").write_text(
+        "#include <pybind11/pybind11.h>\n"
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"answer\", [] { return 42; }); }\n")
+    return tmp_path
+
+
+def test_killed_build_does_not_block_the_next(folder):
+    first = start(folder)
+    lock = folder / "build" / "torch" / "lock"  # torch's own lock: present while it builds
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert lock.exists(), "the build never started"
+    os.killpg(first.pid, signal.SIGKILL)  # the build and its compiler, half-way
+    first.wait()
+    assert lock.exists()  # what used to make every later start wait forever
+
+    second = start(folder)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "loaded 42" in out
+    assert "left by a build that was killed" in err
+
+
+def test_two_processes_at_once_build_once(folder):
+    procs = [start(folder) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert all("loaded 42" in out for out, _ in results)
+    assert sum("compiling tiny_ext" in err for _, err in results) == 1
