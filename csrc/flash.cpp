@@ -56,7 +56,7 @@ void flash_attention(const Problem& p) {
   const float qscale = p.scale * kLog2e;  // folded into Q so the tile uses exp2
   const int64_t BH = p.B * p.H, blocks = (p.Nq + br - 1) / br;
   // Item t is query block blocks-1-t/BH of head t%BH: the longest causal blocks go first.
-  parallel_items(BH * blocks, threads, [&](int64_t t, int64_t slot) {
+  parallel_items(BH * blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t t, int64_t slot) {
     Scratch w(scratch + slot * per_thread, nq_max, bc, p.d, dp);
     const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H;
     const int64_t i0 = (blocks - 1 - t / BH) * br, rows = std::min(br, p.Nq - i0);

@@ -17,7 +17,7 @@ void fused_attention(const Problem& p) {
   const float c = p.scale * kLog2e;
   const int64_t BH = p.B * p.H;
   // Item t is row Nq-1-t/BH of head t%BH: the longest causal rows go first.
-  parallel_items(BH * p.Nq, threads, [&](int64_t t, int64_t slot) {
+  parallel_items(BH * p.Nq, threads, 2 * p.Nk * p.d, [&](int64_t t, int64_t slot) {
     const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H, i = p.Nq - 1 - t / BH;
     float* s = rows + slot * rows_t.size(1);
     const float* q = p.q.row(b, h, i);

@@ -104,8 +104,9 @@ def part(variant: str | None, B=1, H=4, N=1024, d=32, causal=False, br=None, bc=
           f"(median of {repeat}, interleaved): {t['sdpa'] / t['ours']:.2f}x SDPA's speed")
     mem = allocated_memory(lambda: run(variant, q, k, v, causal, br, bc))
     mem_sdpa = allocated_memory(lambda: sdpa(q, k, v, causal))
-    print(f"  memory: {mem / 2**20:.2f} MiB allocated by the call, scratch and output (torch.profiler), "
-          f"SDPA {mem_sdpa / 2**20:.2f} MiB; the output alone is {out.numel() * 4 / 2**20:.2f} MiB")
+    output = out.numel() * out.element_size()
+    print(f"  memory (torch.profiler, allocated by the call): {(mem - output) / 2**20:.2f} MiB scratch "
+          f"+ {output / 2**20:.2f} MiB output; SDPA {(mem_sdpa - output) / 2**20:.2f} MiB scratch + the same output")
     return ok
 
 
