@@ -34,25 +34,26 @@ at::Tensor run(const char* variant, const at::Tensor& Q, const at::Tensor& K, co
 
 void add_course_entry_points(pybind11::module_& m) {
   using at::Tensor;
+  using pybind11::arg;  // named, so that a wrong argument type is reported by its name
   m.def("myNaiveAttention", [](Tensor Q, Tensor K, Tensor V, Tensor QK_t, int64_t B, int64_t H,
                                int64_t N, int64_t d) {
     check_qkv(Q, K, V, B, H, N, d);
     check_scratch(QK_t, "QK_t", {N, N});
     return run("naive", Q, K, V);
-  });
+  }, arg("Q"), arg("K"), arg("V"), arg("QK_t"), arg("B"), arg("H"), arg("N"), arg("d"));
   m.def("myUnfusedAttentionBlocked", [](Tensor Q, Tensor K, Tensor V, Tensor QK_t, int64_t B,
                                         int64_t H, int64_t N, int64_t d) {
     check_qkv(Q, K, V, B, H, N, d);
     check_scratch(QK_t, "QK_t", {N, N});
     return run("blocked", Q, K, V);
-  });
+  }, arg("Q"), arg("K"), arg("V"), arg("QK_t"), arg("B"), arg("H"), arg("N"), arg("d"));
   m.def("myFusedAttention", [](Tensor Q, Tensor K, Tensor V, Tensor temp, int64_t B, int64_t H,
                                int64_t N, int64_t d) {
     check_qkv(Q, K, V, B, H, N, d);
     TORCH_CHECK_VALUE(temp.dim() == 2 && temp.size(1) == N && temp.size(0) >= 1,
                       "temp must have shape (threads, N) with N=", N, ", got ", temp.sizes());
     return run("fused", Q, K, V);
-  });
+  }, arg("Q"), arg("K"), arg("V"), arg("temp"), arg("B"), arg("H"), arg("N"), arg("d"));
   // Note the course's order: Bc before Br.
   m.def("myFlashAttention", [](Tensor Q, Tensor K, Tensor V, Tensor Qi, Tensor Kj, Tensor Vj,
                                Tensor Sij, Tensor Pij, Tensor PV, Tensor Oi, Tensor L, Tensor Li,
@@ -72,7 +73,9 @@ void add_course_entry_points(pybind11::module_& m) {
     check_scratch(Lij, "Lij", {Br});
     check_scratch(Lnew, "Lnew", {Br});
     return run("flash", Q, K, V, Br, Bc);
-  });
+  }, arg("Q"), arg("K"), arg("V"), arg("Qi"), arg("Kj"), arg("Vj"), arg("Sij"), arg("Pij"), arg("PV"),
+     arg("Oi"), arg("L"), arg("Li"), arg("Lij"), arg("Lnew"), arg("Bc"), arg("Br"), arg("B"), arg("H"),
+     arg("N"), arg("d"));
 }
 
 }  // namespace nanogpt

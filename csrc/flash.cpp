@@ -49,6 +49,10 @@ void flash_attention(const Problem& p) {
   const bool v_in_place = dp == p.d;  // else V rows are copied with zero padding to dp
   const int64_t per_thread = Scratch::floats(nq_max, bc, p.d, dp, !v_in_place);
   const int64_t threads = at::get_num_threads();
+  const double bytes = double(threads) * double(per_thread) * sizeof(float);
+  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " bc=", bc,
+                   " need ", bytes / double(1 << 30), " GiB of scratch (threads × (br+d)·bc floats); "
+                   "choose smaller br and bc (the defaults are ", br0, " and ", bc0, ")");
   // Zeroed once: Vp's padding columns must stay 0 (they meet real numbers in FMAs).
   at::Tensor scratch_t = at::zeros({threads, per_thread}, at::kFloat);
   float* scratch = scratch_t.data_ptr<float>();

@@ -38,7 +38,17 @@ def extension():
             _source = "jit"
         _ext = ext
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
+        torch.library.register_autograd("nanogpt::attention", _no_backward, setup_context=_no_context)
     return _ext
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _no_backward(ctx, grad):
+    raise NotImplementedError("nanogpt.attention has no backward pass (the kernels are for inference); "
+                              "train with torch.nn.functional.scaled_dot_product_attention")
 
 
 def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
@@ -73,6 +83,8 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, d), got {type(t).__name__}")
+        if t.device.type != "cpu":  # checked here: a meta tensor would reach the fake kernel
+            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a str naming one of nanogpt.VARIANTS, got {variant!r}")
     if not isinstance(causal, bool):

@@ -158,7 +158,7 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
 # gpt.py sweep
 
 
-def sweep(B=1, H=4, N=1024, d=32, causal=False, brs=(6, 12, 24, 48, 96, 192), bcs=(16, 32, 64, 128, 256, 512, 1024),
+def sweep(B=1, H=4, N=1024, d=32, causal=False, brs=(16, 32, 64, 128, 192, 256), bcs=(32, 64, 128, 256, 512, 1024),
           repeat=5, png="sweep.png") -> dict:
     """Times flash over a Br×Bc grid (interleaved, median), prints the table, marks the best."""
     q, k, v = random_qkv(B, H, N, d)
