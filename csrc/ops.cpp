@@ -67,7 +67,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK_VALUE(br >= 0, "br must be a positive tile height (or 0 for the default), got ", br);
   TORCH_CHECK_VALUE(bc >= 0, "bc must be a positive tile width (or 0 for the default), got ", bc);
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(double(std::max<int64_t>(d, 1)));
-  TORCH_CHECK_VALUE(std::isfinite(s), "scale must be a finite number, got ", s);
+  TORCH_CHECK_VALUE(std::isfinite(float(s)), "scale must be a finite number (as a float32), got ", s);
 
   at::Tensor out = at::empty({B, H, Nq, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;

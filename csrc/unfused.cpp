@@ -132,7 +132,7 @@ void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk); }
 // blocked: adds tiling of both matmuls (br×bc, 8×8 by default) so a tile of K and V rows
 // is reused from cache across br query rows; softmax is still a separate pass over N×N.
 void blocked_attention(const Problem& p) {
-  unfused(p, "blocked", p.br ? p.br : 8, p.bc ? p.bc : 8);
+  unfused(p, "blocked", std::min(p.br ? p.br : 8, p.Nq), std::min(p.bc ? p.bc : 8, p.Nk));
 }
 
 }  // namespace nanogpt

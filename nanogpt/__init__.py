@@ -12,10 +12,16 @@ what KV-cache decoding needs; SDPA's is_causal aligns top-left.
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
 from nanogpt.reference import attention_reference, causal_mask
+
+# GNU OpenMP cannot run a parallel region in a child forked after the parent started its
+# threads (it waits for them forever); a forked child runs on one thread, as torch's
+# DataLoader workers do.
+os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 __all__ = ["attention", "attention_reference", "causal_mask", "extension", "build_info", "VARIANTS"]
 
@@ -52,6 +58,11 @@ def _no_backward(ctx, grad):
 
 
 def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
+    """Shape function for meta tensors and torch.compile: the same checks as the CPU kernel's."""
+    torch._check(q.device == k.device == v.device, lambda: "q, k and v must be on the same device")
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must have 4 dimensions (B, H, N, d)")
+    torch._check(k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3] and v.shape == k.shape,
+                 lambda: f"k and v must have shape (B, H, Nk, d) to match q {tuple(q.shape)}")
     return q.new_empty(q.shape)
 
 
@@ -68,7 +79,7 @@ def _check_tile(name, value):
         raise TypeError(f"{name} must be a positive int or None, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value}")
-    return int(value)
+    return min(int(value), 1 << 62)  # tiles are clamped to N anyway; keeps int64 arithmetic safe
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
