@@ -2,10 +2,8 @@
 // key blocks arrive, so memory is O(Br·Bc + (Br+Bc)·d) per thread and never O(N²).
 // The tile step runs in ISPC when the build has ispc, else in its C++ twin (flash_tile.h).
 // K and V are read in place (only Qᵀ is packed, once per query block: transposing K per key
-// block cost a third of the time at Br=48). Key blocks wholly above the causal diagonal are
+// block cost about a quarter of the time at Br=48). Key blocks wholly above the causal diagonal are
 // never visited; only blocks that cross it are masked.
-#include <climits>
-
 #include "attention.h"
 #include "flash_tile.h"
 #include "parallel.h"
@@ -51,7 +49,7 @@ void flash_attention(const Problem& p) {
   const int64_t threads = at::get_num_threads();
   const double bytes = double(threads) * double(per_thread) * sizeof(float);
   TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " bc=", bc,
-                   " need ", bytes / double(1 << 30), " GiB of scratch (threads × (br+d)·bc floats); "
+                   " need ", bytes / double(1 << 30), " GiB of scratch (about threads × (br·(bc+2d))·4 bytes); "
                    "choose smaller br and bc (the defaults are ", br0, " and ", bc0, ")");
   // Zeroed once: Vp's padding columns must stay 0 (they meet real numbers in FMAs).
   at::Tensor scratch_t = at::zeros({threads, per_thread}, at::kFloat);
@@ -93,8 +91,8 @@ void flash_attention(const Problem& p) {
 
     for (int64_t r = 0; r < rows; ++r) {  // normalise straight into the caller's layout
       float* o = p.o.row(b, h, i0 + r);
-      // A row whose running max never became finite saw no key, or only NaN or -inf scores:
-      // SDPA treats it as fully masked and writes zeros; so do we.
+      // A row whose running max stayed -inf saw no key (or only -inf scores): SDPA treats it
+      // as fully masked and writes zeros; so do we (O may hold 0·NaN junk, so write, not scale).
       if (w.m[r] == kNegInf) {
         std::fill(o, o + p.d, 0.f);
         continue;

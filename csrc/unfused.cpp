@@ -34,29 +34,32 @@ void scores(const Problem& p, int64_t b, int64_t h, const float* Kt, int64_t ldk
   }
 }
 
-// blocked's register tile: S[r, 0:8] = c·Σ_k Q[r, k]·Kt[k, 0:8] for 8 query rows (rows past
-// `rows` repeat row 0 and are not stored) and 8 keys, accumulated in eight 8-float registers.
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-
+// blocked's register tile: S[r, 0:W] = c·Σ_k Q[r, k]·Kt[k, 0:W] for 8 query rows (rows past
+// `rows` repeat row 0 and are not stored) and W keys, accumulated in eight W-float registers.
+// W = 8 is one 8×8 tile; W = 16 is two neighbouring 8×8 tiles in one pass (a full AVX-512
+// register), which is how the default tiling runs where a second tile exists.
+template <class Vec>
 void score_tile8(const Problem& p, int64_t b, int64_t h, const float* Kt, int64_t ldk, float* S,
                  int64_t i0, int rows, int64_t j0) {
+  constexpr int W = sizeof(Vec) / sizeof(float);
   const float* q[8];
   for (int r = 0; r < 8; ++r) q[r] = p.q.row(b, h, i0 + (r < rows ? r : 0));
-  vf8 acc[8] = {};
+  Vec acc[8] = {};
   for (int64_t k = 0; k < p.d; ++k) {
-    vf8 kv;
+    Vec kv;
     std::memcpy(&kv, Kt + k * ldk + j0, sizeof kv);
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) acc[r] += q[r][k] * kv;
   }
   const float c = p.scale * kLog2e;
   for (int r = 0; r < rows; ++r) {
-    const vf8 sr = acc[r] * c;
+    const Vec sr = acc[r] * c;
     std::memcpy(S + (i0 + r) * p.Nk + j0, &sr, sizeof sr);
     const int64_t end = p.key_end(i0 + r);  // causal: hide keys past the row's diagonal
-    for (int64_t j = std::max(end, j0); j < j0 + 8; ++j) S[(i0 + r) * p.Nk + j] = kNegInf;
+    for (int64_t j = std::max(end, j0); j < j0 + W; ++j) S[(i0 + r) * p.Nk + j] = kNegInf;
   }
 }
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 
 // o_i += Σ_j P[i, j]·v_j for rows [i0, i1) and keys [j0, j1).
 void accumulate_pv(const Problem& p, int64_t b, int64_t h, const float* P, int64_t i0,
@@ -103,10 +106,14 @@ void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
           const int64_t i0 = t * tr, i1 = std::min(p.Nq, i0 + tr);
           for (int64_t j0 = 0; j0 < p.Nk; j0 += tc) {
             const int64_t j1 = std::min(p.Nk, j0 + tc);
-            if (tr <= 8 && tc == 8 && j1 - j0 == 8)  // blocked's default tile, in registers
-              score_tile8(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
-            else
+            if (tr <= 8 && tc == 8 && j0 + 16 <= p.Nk) {  // blocked's default tiles, two at once
+              score_tile8<vf>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
+              j0 += tc;
+            } else if (tr <= 8 && tc == 8 && j1 - j0 == 8) {
+              score_tile8<vf8>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
+            } else {
               scores(p, b, h, Kt, ldk, S, i0, i1, j0, j1);
+            }
           }
         }
       });
