@@ -246,6 +246,27 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(wrong)
 
 
+class _Payload:
+    """Pickles as a call to os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_checkpoint_never_runs_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    ck = checkpoint_dict(tiny_model(), "abcdefghijk")
+    ck["extra"] = _Payload(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(ck, evil)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
 # -----------------------------------------------------------------------------
 # the shipped checkpoint
 
