@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from nanogpt.sample import MODELS
+
 PARTS = ("part0", "part1", "part2", "part3", "part4")
 
 
@@ -34,14 +36,14 @@ def parse_args(argv):
     shape.add_argument("-B", type=int, default=1, help="batch size (default 1)")
     shape.add_argument("-H", type=int, default=4, help="heads (default 4)")
     shape.add_argument("-d", type=int, default=32, help="head dimension (default 32)")
-    shape.add_argument("-br", type=int, default=None, help="flash tile height Br, query rows per tile (default: per shape)")
-    shape.add_argument("-bc", type=int, default=None, help="flash tile width Bc, keys per tile (default: per shape)")
+    shape.add_argument("-br", type=int, default=None, help="tile height Br, query rows per tile, for flash and blocked (default: per variant and shape)")
+    shape.add_argument("-bc", type=int, default=None, help="tile width Bc, keys per tile, for flash and blocked (default: per variant and shape)")
     shape.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
     shape.add_argument("--repeat", type=int, default=None, help="timed repetitions, median kept (default 9; bench 7; sweep 5)")
     shape.add_argument("--sweep", action="store_true", help="with part4: same as the sweep command")
     inf = p.add_argument_group("inference (with a part)")
     inf.add_argument("--inference", action="store_true", help="generate text with the model on this part's attention")
-    inf.add_argument("-m", "--model", default="shakes128", choices=["shakes128", "shakes256", "shakes1024", "shakes2048"],
+    inf.add_argument("-m", "--model", default="shakes128", choices=sorted(MODELS, key=MODELS.get),
                      help="characters to generate per sample (one 2048-context checkpoint serves all)")
     inf.add_argument("--samples", type=int, default=10, help="samples to generate (default 10)")
     inf.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
@@ -49,6 +51,7 @@ def parse_args(argv):
     inf.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     inf.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
     inf.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context for every new character")
+    inf.add_argument("--corpus", default=None, help="a text file: also print the share of generated words that are words of it")
     out = p.add_argument_group("bench")
     out.add_argument("--json", default=None, help="bench: save the table to this JSON file")
     out.add_argument("--variants", default=None, help="bench: comma-separated variants (default: all)")
@@ -60,6 +63,8 @@ def parse_args(argv):
     for name in ("br", "bc"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"-{name} must be at least 1")
+    if args.sweep and args.command != "part4":
+        p.error("--sweep sweeps flash's tiles: use it with part4 (or the sweep command)")
     return args
 
 
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
 
         run_inference("manual" if variant is None else variant, model=args.model, samples=args.samples,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed, prompt=args.prompt,
-                      kv_cache=not args.no_kv_cache)
+                      kv_cache=not args.no_kv_cache, corpus=args.corpus)
         return 0
     ok = bench.part(variant, args.B, args.H, args.N, args.d, args.causal, args.br, args.bc, repeat=args.repeat or 9)
     return 0 if ok else 1

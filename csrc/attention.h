@@ -43,9 +43,8 @@ struct Variant {
   const char* adds;  // the optimisation this variant adds over the previous one
 };
 
-// The dispatch table: the CLI, tests and benchmarks read their list of variants from it.
+// The dispatch table: nanogpt.VARIANTS, and so the CLI, tests and benchmarks, read it.
 extern const Variant kVariants[];
-extern const int kNumVariants;
 const Variant* find_variant(const std::string& name);
 
 void naive_attention(const Problem& p);

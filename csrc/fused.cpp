@@ -1,6 +1,6 @@
 // fused: one query row at a time, scores → softmax → P·V without leaving the row, so the
-// score scratch is one Nk×1 row per thread instead of the Nq×Nk matrix; OpenMP over
-// (batch, head, row). (K is transposed once, a copy the size of K, to vectorise over keys.)
+// score scratch is one Nk×1 row per thread instead of the Nq×Nk matrix; threads take
+// (batch, head, row) items from a shared counter (parallel.h). (K is transposed once, a copy the size of K, to vectorise over keys.)
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"

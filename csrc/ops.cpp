@@ -16,10 +16,9 @@ namespace nanogpt {
 const Variant kVariants[] = {
     {"naive", naive_attention, "materialises S = QKᵀ (N×N), row softmax, O = PV"},
     {"blocked", blocked_attention, "tiles both matmuls (8×8 by default); softmax still a separate N×N pass"},
-    {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; OpenMP over (batch, head, row)"},
+    {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; threads over (batch, head, row)"},
     {"flash", flash_attention, "Br×Bc tiles, running max and sum, register-blocked SIMD tile; O(N) memory"},
 };
-const int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 const Variant* find_variant(const std::string& name) {
   for (const Variant& v : kVariants)
@@ -40,7 +39,6 @@ void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (B, H, N, d), got shape ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got device ", t.device());
-  TORCH_CHECK_VALUE(!t.is_sparse() && t.layout() == at::kStrided, name, " must be a dense strided tensor");
 }
 
 // The tensor itself when its last dimension is contiguous (read in place), else one copy.
@@ -122,7 +120,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["cxx_simd"] = "generic";
 #endif
-    info["threads"] = at::get_num_threads();
     return info;
   }, "what this binary was compiled with");
   add_course_entry_points(m);

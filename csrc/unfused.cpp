@@ -90,8 +90,9 @@ void normalise(const Problem& p, int64_t b, int64_t h, const float* rowsum, int6
   }
 }
 
-// Shared skeleton; tr×tc tiles (tr = tc = N for naive: one row against all keys at a time).
-void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
+// Shared skeleton; tr×tc tiles (naive: tr = 1, tc = Nk, one row against all keys at a time).
+// tile8: blocked's 8×8 register tiles for pass 1 where the tiles are 8 wide.
+void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc, bool tile8) {
   at::Tensor S_t = score_matrix(p, name), rowsum_t = at::empty({p.Nq}, at::kFloat);
   at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
   float* S = S_t.data_ptr<float>();
@@ -106,10 +107,10 @@ void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
           const int64_t i0 = t * tr, i1 = std::min(p.Nq, i0 + tr);
           for (int64_t j0 = 0; j0 < p.Nk; j0 += tc) {
             const int64_t j1 = std::min(p.Nk, j0 + tc);
-            if (tr <= 8 && tc == 8 && j0 + 16 <= p.Nk) {  // blocked's default tiles, two at once
+            if (tile8 && tr <= 8 && tc == 8 && j0 + 16 <= p.Nk) {  // blocked's default tiles, two at once
               score_tile8<vf>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
               j0 += tc;
-            } else if (tr <= 8 && tc == 8 && j1 - j0 == 8) {
+            } else if (tile8 && tr <= 8 && tc == 8 && j1 - j0 == 8) {
               score_tile8<vf8>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
             } else {
               scores(p, b, h, Kt, ldk, S, i0, i1, j0, j1);
@@ -134,12 +135,12 @@ void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc) {
 
 // naive: S = QKᵀ as a full Nq×Nk matrix, one row at a time; row softmax; O = PV.
 // The textbook algorithm; O(N²) memory.
-void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk); }
+void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk, false); }
 
 // blocked: adds tiling of both matmuls (br×bc, 8×8 by default) so a tile of K and V rows
 // is reused from cache across br query rows; softmax is still a separate pass over N×N.
 void blocked_attention(const Problem& p) {
-  unfused(p, "blocked", std::min(p.br ? p.br : 8, p.Nq), std::min(p.bc ? p.bc : 8, p.Nk));
+  unfused(p, "blocked", std::min(p.br ? p.br : 8, p.Nq), std::min(p.bc ? p.bc : 8, p.Nk), true);
 }
 
 }  // namespace nanogpt

@@ -96,6 +96,8 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, d), got {type(t).__name__}")
         if t.device.type != "cpu":  # checked here: a meta tensor would reach the fake kernel
             raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+        if t.layout != torch.strided:  # a sparse tensor would never reach the CPU kernel's checks
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a str naming one of nanogpt.VARIANTS, got {variant!r}")
     if not isinstance(causal, bool):

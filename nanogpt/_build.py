@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,8 @@ def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     """Compiles ispc/*.ispc for every target; returns (objects to link, header folder).
 
     The folder is named after a hash of the sources and flags, so a changed kernel changes
-    the link line, which makes torch's loader relink.
+    the link line, which makes torch's loader relink. It is compiled under a temporary name
+    and renamed when complete, so a compile killed half-way leaves no partial object behind.
     """
     srcs = sorted(ISPC_SRC.glob("*.ispc"))
     digest = hashlib.sha256()
@@ -56,17 +58,32 @@ def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
         digest.update(src.read_bytes())
     digest.update(" ".join(ISPC_FLAGS + [ispc_version(ispc)]).encode())
     folder = out_dir / f"ispc-{digest.hexdigest()[:12]}"
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=out_dir))
+        for src in srcs:
+            cmd = [ispc, *ISPC_FLAGS, "-o", str(tmp / f"{src.stem}.o"), "-h", str(tmp / f"{src.stem}_ispc.h"), str(src)]
+            subprocess.run(cmd, check=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another build (setup.py runs without our lock) finished first
+            shutil.rmtree(tmp)
     objects = []
     for src in srcs:
-        obj = folder / f"{src.stem}.o"
-        # A multi-target build writes obj (the run-time dispatcher) plus one object per target.
-        target_objs = [folder / f"{src.stem}_{t.split('-')[0]}.o" for t in ISPC_TARGETS]
-        if not all(p.exists() for p in [obj, *target_objs]):
-            cmd = [ispc, *ISPC_FLAGS, "-o", str(obj), "-h", str(folder / f"{src.stem}_ispc.h"), str(src)]
-            subprocess.run(cmd, check=True)
-        objects += [str(obj), *map(str, target_objs)]
+        # A multi-target build writes the run-time dispatcher plus one object per target.
+        objects += [str(folder / f"{src.stem}.o")]
+        objects += [str(folder / f"{src.stem}_{t.split('-')[0]}.o") for t in ISPC_TARGETS]
     return objects, folder
+
+
+def cpu_key() -> str:
+    """A short hash of this CPU's feature flags: builds use -march=native, so a cache shared
+    with another machine (a network home) must not load a binary built for other flags."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
 def build_root() -> Path:
@@ -82,13 +99,14 @@ def sanitize_flags() -> list[str]:
     return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
-def locked_jit(name: str, folder: Path, verbose: bool = False, **load_args):
+def locked_jit(name: str, folder: Path, verbose: bool = False, prepare=None, **load_args):
     """torch.utils.cpp_extension.load into folder/torch, safe against killed and concurrent builds.
 
     A lock that the OS releases when its process dies (filelock's flock) serialises builds, so
     two processes starting at once build once and both load. torch's own lock file does
     outlive a killed build (and would make every later start wait forever); holding our
-    lock, any such file is stale, so it is removed, and we say so.
+    lock, any such file is stale, so it is removed, and we say so. prepare(), if given, runs
+    under the lock too and returns more load() arguments (the ISPC objects).
     """
     import torch.utils.cpp_extension as cpp_ext
     from filelock import FileLock
@@ -104,6 +122,8 @@ def locked_jit(name: str, folder: Path, verbose: bool = False, **load_args):
         if not any(torch_dir.glob("*.so")):
             print(f"nanogpt: compiling {name} into {torch_dir} (first use: about a minute)", file=sys.stderr)
         args = dict(name=name, build_directory=str(torch_dir), verbose=verbose, **load_args)
+        if prepare:
+            args.update(prepare())
         try:
             return cpp_ext.load(**args)
         except (ImportError, OSError) as err:  # e.g. a truncated .so from a killed link
@@ -117,16 +137,19 @@ def load(verbose: bool = False):
     """Builds (first time: about a minute) or loads (about a second) the JIT extension."""
     ispc = find_ispc()
     sanitize = sanitize_flags()
-    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize else "")
+    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize else "") + "_" + cpu_key()
     folder = build_root() / name
-    cflags, ldflags, includes = CXX_FLAGS + sanitize, LD_FLAGS + sanitize, []
-    if ispc:
+    cflags, ldflags = CXX_FLAGS + sanitize, LD_FLAGS + sanitize
+
+    def ispc_objects() -> dict:
+        if not ispc:
+            return {}
         objects, header_dir = compile_ispc(ispc, folder)
-        cflags.append("-DNANOGPT_WITH_ISPC")
-        ldflags = objects + ldflags
-        includes.append(str(header_dir))
-    return locked_jit(name, folder, verbose, sources=sources(), extra_cflags=cflags,
-                      extra_ldflags=ldflags, extra_include_paths=includes)
+        return dict(extra_cflags=cflags + ["-DNANOGPT_WITH_ISPC"], extra_ldflags=objects + ldflags,
+                    extra_include_paths=[str(header_dir)])
+
+    return locked_jit(name, folder, verbose, prepare=ispc_objects, sources=sources(), extra_cflags=cflags,
+                      extra_ldflags=ldflags, extra_include_paths=[])
 
 
 def describe(ispc: str | None = None) -> dict:

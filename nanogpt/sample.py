@@ -2,16 +2,16 @@
 Sample from the trained character-level GPT with a chosen attention implementation, and time it
 (after nanoGPT's sample.py and the course's `gpt.py part0..3 -m shakesN`).
 
-  python -m nanogpt.sample --attention manual --model shakes256
-  python -m nanogpt.sample --attention flash --model shakes2048 --no-kv-cache
+  python gpt.py part0 --inference -m shakes256            # attention "manual"
+  python gpt.py part4 --inference -m shakes2048 --no-kv-cache
 
 Every model name uses the one 2048-context checkpoint; the number is how many characters each
 sample generates. With the KV cache (default) the prompt is run once, then every new character is
 one query attending to all cached keys (Nq=1, Nk=T).
 """
 
-import argparse
 import os
+import re
 import time
 
 import torch
@@ -25,11 +25,13 @@ SEPARATOR = "-" * 40
 
 
 def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top_k=200, seed=1337,
-                  prompt="\n", kv_cache=True, checkpoint=None, threads=None, verbose=True):
+                  prompt="\n", kv_cache=True, checkpoint=None, threads=None, verbose=True, corpus=None):
     """Generate `samples` texts of MODELS[model] characters each after `prompt`; print them and a
     timing line; return a dict of the numbers (and the texts).
 
     attention: "torch", "manual" (the course's part0) or a name in nanogpt.VARIANTS.
+    corpus: optional path of a text; then the share of generated words that are words of it
+    is printed and returned (does the model write the play's words?).
     Sampling draws from one torch.Generator seeded once with `seed`, so the texts are the same with
     and without kv_cache, and for every attention choice up to float rounding.
     """
@@ -80,31 +82,16 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
         "attention_seconds": attn_s, "attention_share": attn_s / total_s if total_s > 0 else 0.0,
         "crops": n_crops, "cropping": cropping, "texts": texts,
     }
+    if corpus:
+        known = set(re.findall(r"[a-z']+", open(corpus, encoding="utf-8").read().lower()))
+        words = [w for t in texts for w in re.findall(r"[a-z']+", t.lower())]
+        result["corpus_words"] = (sum(w in known for w in words), len(words))
+        if verbose:
+            hits, n = result["corpus_words"]
+            print(f"{hits} of {n} generated words ({100 * hits / max(n, 1):.1f}%) are words of {corpus}")
     if verbose:
         print(f"[{attention}, {model}, kv_cache={'on' if kv_cache else 'off'}, {torch.get_num_threads()} threads] "
               f"{tokens} tokens in {total_s:.2f}s: {result['tokens_per_s']:.1f} tokens/s, "
               f"{result['ms_per_token']:.2f} ms/token, attention {100 * result['attention_share']:.1f}% of the time; "
               f"{cropping}")
     return result
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--attention", default="manual", help="torch, manual, or a kernel variant name")
-    p.add_argument("-m", "--model", default="shakes256", choices=sorted(MODELS))
-    p.add_argument("--samples", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false")
-    p.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_CHECKPOINT}")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    return run_inference(args.attention, model=args.model, samples=args.samples, temperature=args.temperature,
-                         top_k=args.top_k, seed=args.seed, prompt=args.prompt, kv_cache=args.kv_cache,
-                         checkpoint=args.checkpoint, threads=args.threads)
-
-
-if __name__ == "__main__":
-    main()

@@ -122,6 +122,8 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
+    if args.eval_only and not (args.init_from or args.resume):
+        p.error("--eval-only evaluates a trained model: give --init-from CHECKPOINT or --resume")
     if args.min_lr is None:
         args.min_lr = args.lr / 10
     return args

@@ -62,3 +62,22 @@ def test_two_processes_at_once_build_once(folder):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     assert all("loaded 42" in out for out, _ in results)
     assert sum("compiling tiny_ext" in err for _, err in results) == 1
+
+
+def test_failed_ispc_compile_leaves_no_partial_objects(tmp_path):
+    """A compile that dies after writing part of its output must not be mistaken for a build."""
+    from nanogpt import _build
+
+    ispc = _build.find_ispc()
+    if ispc is None:
+        pytest.skip("no ispc on this machine")
+    fake = tmp_path / "dying_ispc"  # answers --version like ispc, writes a junk object, dies
+    fake.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec "{ispc}" --version\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = -o ] && echo junk > "$2"; shift; done\nexit 9\n')
+    fake.chmod(0o755)
+    out = tmp_path / "build"
+    with pytest.raises(subprocess.CalledProcessError):
+        _build.compile_ispc(str(fake), out)
+    assert not [p for p in out.iterdir() if ".partial-" not in p.name]
+    objects, _ = _build.compile_ispc(ispc, out)  # the next build compiles for real
+    assert all(Path(o).stat().st_size > 1000 for o in objects)

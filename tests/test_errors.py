@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanogpt  # nanogpt.VARIANTS: the dispatch table, read at collection
+
 from nanogpt.reference import compare_to_sdpa, sdpa
 
 ROOT = Path(__file__).resolve().parent.parent  # the repo root: subprocesses load the cached build from here
@@ -132,7 +134,7 @@ def test_v_disagrees_with_k(ext, dim):
 
 @pytest.mark.parametrize("variant", ["nope", "FLASH", "", "flash "])
 def test_unknown_variant(ext, variant):
-    raises(ext, ValueError, r"^variant must be one of naive, blocked, fused, flash; got",
+    raises(ext, ValueError, r"^variant must be one of " + ", ".join(nanogpt.VARIANTS) + "; got",
            ext.attention, *qkv(), variant=variant)
 
 
@@ -176,7 +178,7 @@ def test_tile_beyond_int64(ext, name):
     assert ok, f"max error {err:.3g} > bound {bound:.3g}"
 
 
-@pytest.mark.parametrize("variant", ["naive", "blocked", "fused", "flash"])
+@pytest.mark.parametrize("variant", nanogpt.VARIANTS)
 def test_huge_tiles_are_clamped(ext, variant):
     q, k, v = qkv(1, 2, 21, 19, 8)
     for br, bc in [(2**63 - 1, None), (None, 2**63 - 1), (2**62, 2**62)]:
@@ -197,7 +199,7 @@ def test_op_wrong_rank(ext):
 
 
 def test_op_unknown_variant(ext):
-    raises(ext, ValueError, r"^variant must be one of naive, blocked, fused, flash; got 'nope'",
+    raises(ext, ValueError, r"^variant must be one of " + ", ".join(nanogpt.VARIANTS) + "; got 'nope'",
            torch.ops.nanogpt.attention, *qkv(), "nope", False, None, 0, 0)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import nanogpt  # nanogpt.VARIANTS: the dispatch table, read at collection
+
 from nanogpt.reference import compare_to_sdpa
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +91,7 @@ THREAD_PROBLEMS = [  # (B, H, Nq, Nk, d, causal, br, bc): big enough to use ever
 ]
 
 
-@pytest.mark.parametrize("variant", ["naive", "blocked", "fused", "flash"])
+@pytest.mark.parametrize("variant", nanogpt.VARIANTS)
 def test_one_thread_matches_default(ext, variant):
     """torch.set_num_threads(1) against the default. tests/test_properties.py runs on one
     thread, so this is where the multi-threaded paths meet awkward shapes and tiles."""
