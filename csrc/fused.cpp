@@ -16,20 +16,25 @@ void fused_attention(const Problem& p) {
   const int64_t ldk = Kt_t.size(3);
   const float c = p.scale * kLog2e;
   const int64_t BH = p.B * p.H;
-  // Item t is row Nq-1-t/BH of head t%BH: the longest causal rows go first.
-  parallel_items(BH * p.Nq, threads, 2 * p.Nk * p.d, [&](int64_t t, int64_t slot) {
-    const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H, i = p.Nq - 1 - t / BH;
+  // Item t is a chunk of kRowsPerItem rows of head t%BH, the chunks with the longest causal
+  // rows first; a chunk's rows share the head's K and V in cache.
+  constexpr int64_t kRowsPerItem = 16;
+  const int64_t chunks = (p.Nq + kRowsPerItem - 1) / kRowsPerItem;
+  parallel_items(BH * chunks, threads, kRowsPerItem * 2 * p.Nk * p.d, [&](int64_t t, int64_t slot) {
+    const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H;
+    const int64_t i0 = (chunks - 1 - t / BH) * kRowsPerItem;
     float* s = rows + slot * rows_t.size(1);
-    const float* q = p.q.row(b, h, i);
-    const int64_t end = p.key_end(i);
-    scores_row(q, Kt + bh * p.d * ldk, ldk, p.d, c, s, end);
-    const float sum = softmax2_unnormalised(s, end);
-    float* o = p.o.row(b, h, i);
-    std::fill(o, o + p.d, 0.f);
-    if (sum == 0.f) return;  // no visible key: a zero row, as SDPA gives
-    pv_row(s, p.v.row(b, h, 0), p.v.sn, end, p.d, o);
-    const float inv = 1.f / sum;
-    for (int64_t k = 0; k < p.d; ++k) o[k] *= inv;
+    for (int64_t i = i0; i < std::min(p.Nq, i0 + kRowsPerItem); ++i) {
+      const int64_t end = p.key_end(i);
+      scores_row(p.q.row(b, h, i), Kt + bh * p.d * ldk, ldk, p.d, c, s, end);
+      const float sum = softmax2_unnormalised(s, end);
+      float* o = p.o.row(b, h, i);
+      std::fill(o, o + p.d, 0.f);
+      if (sum == 0.f) continue;  // no visible key: a zero row, as SDPA gives
+      pv_row(s, p.v.row(b, h, 0), p.v.sn, end, p.d, o);
+      const float inv = 1.f / sum;
+      for (int64_t k = 0; k < p.d; ++k) o[k] *= inv;
+    }
   });
 }
 
