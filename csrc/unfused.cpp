@@ -91,7 +91,9 @@ void normalise(const Problem& p, int64_t b, int64_t h, const float* rowsum, int6
 }
 
 // Shared skeleton; tr×tc tiles (naive: tr = 1, tc = Nk, one row against all keys at a time).
-// tile8: blocked's 8×8 register tiles for pass 1 where the tiles are 8 wide.
+// tile8: pass 1 uses blocked's 8×8 register tiles wherever a full 8-key tile exists. It is
+// decided from the requested tile, not the one clamped to N, so that a row's arithmetic (and
+// its rounding) does not depend on how many rows the call has.
 void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc, bool tile8) {
   at::Tensor S_t = score_matrix(p, name), rowsum_t = at::empty({p.Nq}, at::kFloat);
   at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
@@ -107,10 +109,10 @@ void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc, bool ti
           const int64_t i0 = t * tr, i1 = std::min(p.Nq, i0 + tr);
           for (int64_t j0 = 0; j0 < p.Nk; j0 += tc) {
             const int64_t j1 = std::min(p.Nk, j0 + tc);
-            if (tile8 && tr <= 8 && tc == 8 && j0 + 16 <= p.Nk) {  // blocked's default tiles, two at once
+            if (tile8 && j0 + 16 <= p.Nk) {  // blocked's default tiles, two at once
               score_tile8<vf>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
               j0 += tc;
-            } else if (tile8 && tr <= 8 && tc == 8 && j1 - j0 == 8) {
+            } else if (tile8 && j1 - j0 == 8) {
               score_tile8<vf8>(p, b, h, Kt, ldk, S, i0, int(i1 - i0), j0);
             } else {
               scores(p, b, h, Kt, ldk, S, i0, i1, j0, j1);
@@ -140,7 +142,8 @@ void naive_attention(const Problem& p) { unfused(p, "naive", 1, p.Nk, false); }
 // blocked: adds tiling of both matmuls (br×bc, 8×8 by default) so a tile of K and V rows
 // is reused from cache across br query rows; softmax is still a separate pass over N×N.
 void blocked_attention(const Problem& p) {
-  unfused(p, "blocked", std::min(p.br ? p.br : 8, p.Nq), std::min(p.bc ? p.bc : 8, p.Nk), true);
+  const int64_t br = p.br ? p.br : 8, bc = p.bc ? p.bc : 8;
+  unfused(p, "blocked", std::min(br, p.Nq), std::min(bc, p.Nk), br <= 8 && bc == 8);
 }
 
 }  // namespace nanogpt
