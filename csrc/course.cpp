@@ -35,18 +35,14 @@ at::Tensor run(const char* variant, const at::Tensor& Q, const at::Tensor& K, co
 void add_course_entry_points(pybind11::module_& m) {
   using at::Tensor;
   using pybind11::arg;  // named, so that a wrong argument type is reported by its name
-  m.def("myNaiveAttention", [](Tensor Q, Tensor K, Tensor V, Tensor QK_t, int64_t B, int64_t H,
-                               int64_t N, int64_t d) {
-    check_qkv(Q, K, V, B, H, N, d);
-    check_scratch(QK_t, "QK_t", {N, N});
-    return run("naive", Q, K, V);
-  }, arg("Q"), arg("K"), arg("V"), arg("QK_t"), arg("B"), arg("H"), arg("N"), arg("d"));
-  m.def("myUnfusedAttentionBlocked", [](Tensor Q, Tensor K, Tensor V, Tensor QK_t, int64_t B,
-                                        int64_t H, int64_t N, int64_t d) {
-    check_qkv(Q, K, V, B, H, N, d);
-    check_scratch(QK_t, "QK_t", {N, N});
-    return run("blocked", Q, K, V);
-  }, arg("Q"), arg("K"), arg("V"), arg("QK_t"), arg("B"), arg("H"), arg("N"), arg("d"));
+  // Parts 1 and 2 share a signature and an N×N scratch; only the variant differs.
+  for (auto [entry, variant] : {std::pair{"myNaiveAttention", "naive"}, {"myUnfusedAttentionBlocked", "blocked"}})
+    m.def(entry, [variant = variant](Tensor Q, Tensor K, Tensor V, Tensor QK_t, int64_t B, int64_t H,
+                                     int64_t N, int64_t d) {
+      check_qkv(Q, K, V, B, H, N, d);
+      check_scratch(QK_t, "QK_t", {N, N});
+      return run(variant, Q, K, V);
+    }, arg("Q"), arg("K"), arg("V"), arg("QK_t"), arg("B"), arg("H"), arg("N"), arg("d"));
   m.def("myFusedAttention", [](Tensor Q, Tensor K, Tensor V, Tensor temp, int64_t B, int64_t H,
                                int64_t N, int64_t d) {
     check_qkv(Q, K, V, B, H, N, d);

@@ -72,7 +72,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (Nk == 0) return out.zero_();  // softmax over no keys: SDPA gives zeros too
 
   at::Tensor qk, kk, vk;
-  Problem p{view_of(q, qk), view_of(k, kk), view_of(v, vk), view_of(out, out),
+  const View o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
+  Problem p{view_of(q, qk), view_of(k, kk), view_of(v, vk), o,
             B, H, Nq, Nk, d, float(s), causal, br, bc};
   var->run(p);
   return out;

@@ -8,15 +8,16 @@
 
 namespace nanogpt {
 
-// Runs work(item, slot) for every item in [0, n), item_cost multiply-adds each. Threads take items from a shared counter,
-// because causal rows and blocks differ in cost and a static split would leave one of two
-// threads with three quarters of the work; callers order items heaviest first.
-// `slot` in [0, threads) is the calling thread's index into per-thread scratch.
-// Uses at::parallel_for, so torch.set_num_threads and nesting in torch's own parallel
-// regions (where it runs serially) are respected.
-// Problems below kSerialBelow multiply-adds (item_cost each: a KV-cache decoding step, say)
-// run on the calling thread: waking a second thread costs more than it saves.
+// Problems below kSerialBelow multiply-adds in all (a KV-cache decoding step, say) run on the
+// calling thread: waking a second thread costs more than it saves.
 constexpr int64_t kSerialBelow = int64_t(1) << 20;
+
+// Runs work(item, slot) for every item in [0, n), item_cost multiply-adds each. Threads take
+// items from a shared counter, because causal rows and blocks differ in cost and a static
+// split would leave one of two threads with three quarters of the work; callers order items
+// heaviest first. `slot` in [0, threads) is the calling thread's index into per-thread
+// scratch. Uses at::parallel_for, so torch.set_num_threads and nesting in torch's own
+// parallel regions (where it runs serially) are respected.
 
 template <class Work>
 void parallel_items(int64_t n, int64_t threads, int64_t item_cost, const Work& work) {

@@ -14,6 +14,7 @@ namespace nanogpt {
 constexpr int kLanes = 16;
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));  // half a vf: blocked's 8-key tile
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

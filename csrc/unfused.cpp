@@ -59,7 +59,6 @@ void score_tile8(const Problem& p, int64_t b, int64_t h, const float* Kt, int64_
     for (int64_t j = std::max(end, j0); j < j0 + W; ++j) S[(i0 + r) * p.Nk + j] = kNegInf;
   }
 }
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 
 // o_i += Σ_j P[i, j]·v_j for rows [i0, i1) and keys [j0, j1).
 void accumulate_pv(const Problem& p, int64_t b, int64_t h, const float* P, int64_t i0,

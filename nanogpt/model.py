@@ -55,9 +55,8 @@ def check_attention(attention):
     if attention in ("torch", "manual"):
         return
     import nanogpt
-    variants = getattr(nanogpt, "VARIANTS", ())  # () while the extension package is not there
-    if attention not in variants:
-        raise ValueError(f"unknown attention {attention!r}: expected 'torch', 'manual' or one of {tuple(variants)}")
+    if attention not in nanogpt.VARIANTS:  # reading VARIANTS builds or loads the extension
+        raise ValueError(f"unknown attention {attention!r}: expected 'torch', 'manual' or one of {nanogpt.VARIANTS}")
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +320,8 @@ def checkpoint_dict(model, vocab, **extra):
 def load_checkpoint(path, attention="torch", map_location="cpu"):
     """Load a checkpoint written by nanogpt.train; returns (model in eval mode, vocab str, ckpt dict).
 
-    Raises ValueError naming the file if it is missing, truncated, corrupt or does not match the
+    Raises FileNotFoundError if it is missing, and ValueError naming the file if it is truncated,
+    corrupt, holds pickled objects or does not match the
     model it describes.
     """
     path = str(path)
