@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nanogpt.model import load_checkpoint
+from nanogpt.formats.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHECKPOINT = os.path.join(REPO, "checkpoints", "shakes2048.pt")

@@ -13,17 +13,17 @@ run as without interruption (same --seed, same --threads).
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanogpt.model import GPT, GPTConfig, checkpoint_dict, load_checkpoint
+from nanogpt.data import get_batch, load_split, load_vocab
+from nanogpt.formats.checkpoint import checkpoint_dict, load_checkpoint
+from nanogpt.models.gpt import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,28 +31,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def resume_path(out):
     root, _ = os.path.splitext(out)
     return root + ".resume.pt"
-
-
-def load_split(data_dir, split):
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run data/shakespeare_char/prepare.py first")
-    return np.fromfile(path, dtype=np.uint16).astype(np.int64)
-
-
-def load_vocab(data_dir):
-    with open(os.path.join(data_dir, "vocab.json"), encoding="utf-8") as f:
-        return "".join(json.load(f))
-
-
-def get_batch(data, batch_size, context, generator):
-    """Random windows of the token array: x (B, context) and y = x shifted by one (B, context)."""
-    if len(data) <= context + 1:
-        raise ValueError(f"split has {len(data)} tokens, too few for context {context}")
-    ix = torch.randint(len(data) - context - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[i:i + context] for i in ix.tolist()])
-    y = torch.stack([data[i + 1:i + 1 + context] for i in ix.tolist()])
-    return x, y
 
 
 @torch.no_grad()
@@ -136,8 +114,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     vocab = load_vocab(args.data_dir)
-    train_data = torch.from_numpy(load_split(args.data_dir, "train"))
-    val_data = torch.from_numpy(load_split(args.data_dir, "val"))
+    train_data = load_split(args.data_dir, "train")
+    val_data = load_split(args.data_dir, "val")
 
     # ---- model and optimizer: fresh, from a checkpoint's weights, or the full resume state
     state = None

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, KVCache, checkpoint_dict, load_checkpoint
+from nanogpt.formats.checkpoint import checkpoint_dict, load_checkpoint
+from nanogpt.models.gpt import GPT, GPTConfig, KVCache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")

@@ -13,11 +13,13 @@ The text and the .bin files are never committed (see .gitignore here).
 """
 
 import argparse
-import json
 import os
+import sys
 import urllib.request
 
-import numpy as np
+# run as a script from a clone: the repository root holds the nanogpt package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from nanogpt.data import encode, write  # noqa: E402
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,20 +35,9 @@ def download(url, path):
 
 def prepare(text, out_dir, train_frac=0.9):
     """Tokenize text, write train.bin / val.bin / vocab.json into out_dir; returns a summary dict."""
-    chars = sorted(set(text))
-    if len(chars) > 65535:
-        raise ValueError(f"{len(chars)} distinct characters do not fit uint16 token ids")
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    n = len(text)
-    split = int(n * train_frac)
-    train_ids = np.array([stoi[c] for c in text[:split]], dtype=np.uint16)
-    val_ids = np.array([stoi[c] for c in text[split:]], dtype=np.uint16)
-    os.makedirs(out_dir, exist_ok=True)
-    train_ids.tofile(os.path.join(out_dir, "train.bin"))
-    val_ids.tofile(os.path.join(out_dir, "val.bin"))
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(chars, f, ensure_ascii=False)
-    return {"chars": n, "vocab_size": len(chars), "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
+    chars, train_ids, val_ids = encode(text, train_frac)
+    write(out_dir, chars, train_ids, val_ids)
+    return {"chars": len(text), "vocab_size": len(chars), "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
 
 
 def main(argv=None):

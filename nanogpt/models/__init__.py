@@ -1,0 +1,1 @@
+"""The models that run on the kernels, one readable file each (gpt.py: the character-level GPT)."""
