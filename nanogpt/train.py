@@ -59,8 +59,8 @@ def get_lr(step, args):
     return args.min_lr + coeff * (args.lr - args.min_lr)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Training's options, on p (gpt.py's `train` subcommand, or this module's own parser)."""
     g = p.add_argument_group("data and files")
     g.add_argument("--data-dir", default=os.path.join(REPO, "data", "shakespeare_char"))
     g.add_argument("--out", default=os.path.join(REPO, "checkpoints", "shakes2048.pt"),
@@ -99,16 +99,30 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    args = p.parse_args(argv)
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Checks and completes parsed options (p.error exits with the parser's usage)."""
     if args.eval_only and not (args.init_from or args.resume):
         p.error("--eval-only evaluates a trained model: give --init-from CHECKPOINT or --resume")
     if args.min_lr is None:
         args.min_lr = args.lr / 10
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    check_args(p, args)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run(parse_args(argv), argv)
+
+
+def run(args, argv=None):
+    """Trains (or evaluates) as args say; returns a dict of the final numbers."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
