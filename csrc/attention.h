@@ -68,6 +68,11 @@ inline at::Tensor keys_transposed(const Problem& p) {
   return kt;
 }
 
+// Which of flash's code paths serves a problem: "decode" (a few queries, as in a KV-cache
+// step, decode.cpp) unless tiles were asked for, else "tiles" (flash.cpp).
+const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
+void flash_decode(const Problem& p);
+
 // Default flash tiles for a shape (chosen from `gpt.py sweep` on this machine).
 std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
 

@@ -110,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "(name, what it adds) for each variant, in ladder order: the one dispatch table");
   m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d)");
+  m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
   m.def("compiled_info", [] {
     pybind11::dict info;
 #ifdef NANOGPT_WITH_ISPC
