@@ -24,12 +24,12 @@ gets the number one process would. Only rank 0 prints and writes files.
 
 import argparse
 import json
-from contextlib import nullcontext
-from dataclasses import asdict
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -340,8 +340,8 @@ def _run(args, argv, ranks):
     say(f"model: {config}")
     say(f"parameters: {model.get_num_params() / 1e6:.3f}M non-embedding "
         f"({model.get_num_params(False) / 1e6:.3f}M total); train {len(train_data):,} tokens, "
-        f"val {len(val_data):,} tokens; context {context}, batch {args.batch_size} x {args.grad_accum} "
-        f"micro-batches = {step_windows} windows a step over {ranks.world} rank(s), "
+        f"val {len(val_data):,} tokens; context {context}; {step_windows} windows a step: {args.grad_accum} "
+        f"micro-batches of {args.batch_size} over {ranks.world} rank(s), "
         f"{torch.get_num_threads()} thread(s) each, attention {args.attention}")
     splits = {"train": train_data, "val": val_data}
 
