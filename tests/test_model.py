@@ -8,7 +8,6 @@ Kernel variants come from nanogpt.VARIANTS and need the extension (the `ext` fix
 
 import importlib.util
 import json
-import math
 import os
 import random
 
