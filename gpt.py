@@ -130,8 +130,8 @@ def check(p: argparse.ArgumentParser, args) -> None:
             given = [f"-{n}" for n in ("N", "B", "H", "d", "br", "bc") if getattr(args, n, None) is not None]
             given += [f"--{n}" for n in ("causal",) if args.causal] + (["--repeat"] if args.repeat else [])
             if given:
-                sub.error(f"{', '.join(given)} set the timed attention call; --inference generates text "
-                          f"with the model's own shapes: drop {' '.join(given)}")
+                sub.error(f"{', '.join(given)}: options of the timed attention call, not of --inference "
+                          f"(the model has its own shapes): drop {' '.join(given)}")
             for name, default in INFERENCE.items():
                 if getattr(args, name) is None:
                     setattr(args, name, default)
@@ -140,7 +140,7 @@ def check(p: argparse.ArgumentParser, args) -> None:
         else:
             given = [f"--{n.replace('_', '-')}" for n in INFERENCE if getattr(args, n) is not None]
             if given:
-                sub.error(f"{', '.join(given)} only apply to text generation: add --inference")
+                sub.error(f"{', '.join(given)}: options of text generation: add --inference")
             args.repeat = args.repeat or 9
     args.shape_given = any(getattr(args, name) is not None for name in SHAPE)
     for name, default in SHAPE.items():
@@ -167,7 +167,10 @@ def parse_args(argv):
         print("gpt.py: see README.md, 'Set-up' (g++ with OpenMP and the Python headers are needed); "
               "`python gpt.py train ...` works without the extension", file=sys.stderr)
         sys.exit(1)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, which knows what the command takes
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)} "
+                                       f"(`gpt.py {args.command} --help` lists its options)")
     check(p, args)
     return args
 
