@@ -173,10 +173,14 @@ def test_train_exits_0_after_a_run(tmp_path, capsys):
 
 
 def readme_commands():
+    """The README's text, and every `python gpt.py ...` in it: code lines and inline spans."""
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     joined = re.sub(r"\\\n\s*", "", text)  # continuation lines
-    return joined, [line.strip().split("#")[0] for line in joined.splitlines()
-                    if line.strip().startswith("python gpt.py ") and "|" not in line]
+    lines = [line.split("#")[0].split("&& ")[-1].strip() for line in joined.splitlines() if "python gpt.py " in line
+             and line.strip().split("&& ")[-1].startswith("python gpt.py ")]
+    spans = [" ".join(span.split()) for span in re.findall(r"`(python gpt\.py\s[^`]+)`", joined)]
+    # the synopsis lines (alternatives, optional parts, placeholders) are not commands
+    return joined, [c for c in lines + spans if not re.search(r"[|\[]|partN", c)]
 
 
 def test_readme_never_points_at_shared():
@@ -190,6 +194,11 @@ def test_readme_commands_parse(ext):
         argv = shlex.split(command)[2:]
         if "--corpus" in argv:  # the README's corpus is the downloaded text; any file will do here
             argv[argv.index("--corpus") + 1] = os.path.join(REPO, "README.md")
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as e:
+                gpt.parse_args(argv)
+            assert e.value.code == 0, command
+            continue
         args = gpt.parse_args(argv)  # exits on any error
         assert args.command == argv[0], command
 
