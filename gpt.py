@@ -212,8 +212,8 @@ def main(argv=None) -> int:
 
 def announce_duration(args) -> None:
     """Without the KV cache every character re-runs its whole context (minutes at shakes2048 on
-    part0): time two trial passes of the model, at a quarter of the longest context and at the
-    longest, and say roughly how long the run will take if that is more than a few seconds."""
+    part0): time trial passes of the model over 1 token, a quarter of the longest context and
+    the longest, and say roughly how long the run will take if that is more than a few seconds."""
     import time
 
     from nanogpt.formats.checkpoint import load_checkpoint, shipped_checkpoint
@@ -224,17 +224,16 @@ def announce_duration(args) -> None:
     lengths = [min(t0 + t, block) for t in range(MODELS[args.model])] * args.samples
     trials = []
     with torch.no_grad():
-        model(torch.zeros(1, 1, dtype=torch.long))  # warm-up: first-call costs are not per token
-        for n in sorted({max(1, max(lengths) // 4), max(lengths)}):
-            idx = torch.zeros(1, n, dtype=torch.long)
+        model(torch.zeros(1, 1, dtype=torch.long))  # warm-up: first-call costs are not per pass
+        for n in sorted({1, max(1, max(lengths) // 4), max(lengths)}):
             start = time.perf_counter()
-            model(idx)
+            model(torch.zeros(1, n, dtype=torch.long))
             trials.append((n, time.perf_counter() - start))
-    total = quadratic_total(lengths, trials[0], trials[-1]) if len(trials) == 2 else trials[0][1] * len(lengths)
+    total = quadratic_total(lengths, trials)
     if total > 10:
         print(f"no KV cache: {len(lengths)} passes over up to {max(lengths)} tokens, about "
               f"{format_duration(total)} on this machine now (from trial passes over "
-              f"{' and '.join(str(n) for n, _ in trials)} tokens)", flush=True)
+              f"{', '.join(str(n) for n, _ in trials)} tokens)", flush=True)
 
 
 if __name__ == "__main__":

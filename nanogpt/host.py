@@ -157,16 +157,16 @@ def _our_cpus():
 # How long will it take?
 
 
-def quadratic_total(lengths, f_short: tuple[float, float], f_long: tuple[float, float]) -> float:
-    """Seconds for one forward pass per context length in `lengths`, with the cost of a pass
-    over L tokens modelled as a·L + b·L² (the linear layers and the attention) and fitted
-    through two measured passes (L1, seconds) and (L2, seconds), L1 < L2."""
-    (l1, t1), (l2, t2) = f_short, f_long
-    # a·l1 + b·l1² = t1, a·l2 + b·l2² = t2
-    det = l1 * l2 * l2 - l2 * l1 * l1
-    b = max(0.0, (l1 * t2 - l2 * t1) / det) if det else 0.0
-    a = max(0.0, (t1 - b * l1 * l1) / l1)
-    return sum(a * n + b * n * n for n in lengths)
+def quadratic_total(lengths, trials) -> float:
+    """Seconds for one forward pass per context length in `lengths`, with a pass over L tokens
+    modelled as c0 + c1·L + c2·L² (overhead, the linear layers, the attention) and fitted to
+    the measured trials [(L, seconds), ...] (three or more distinct L for the full model;
+    fewer fit fewer terms). A pass never counts as taking less than no time."""
+    import numpy as np
+
+    ls, ts = zip(*trials)
+    coeffs = np.polyfit(ls, ts, deg=min(2, len(set(ls)) - 1))
+    return float(np.clip(np.polyval(coeffs, np.asarray(lengths, dtype=float)), 0, None).sum())
 
 
 def format_duration(seconds: float) -> str:

@@ -308,10 +308,11 @@ def test_load_watch_reads_proc_stat():
 
 
 def test_duration_estimate():
-    a, b = 1e-4, 1e-7
-    lengths = list(range(1, 2049))
-    f = lambda n: a * n + b * n * n  # noqa: E731
-    assert host.quadratic_total(lengths, (512, f(512)), (2048, f(2048))) == pytest.approx(sum(map(f, lengths)))
+    lengths = list(range(1, 2049)) * 2
+    f = lambda n: 3e-3 + 1e-4 * n + 1e-7 * n * n  # noqa: E731
+    assert host.quadratic_total(lengths, [(n, f(n)) for n in (1, 512, 2048)]) == pytest.approx(sum(map(f, lengths)))
+    assert host.quadratic_total([4, 8], [(8, 2.0)]) == pytest.approx(4.0)  # one trial: a constant
+    assert host.quadratic_total([1, 2], [(1, 1.0), (2, -5.0)]) == pytest.approx(1.0)  # no negative passes
     assert host.format_duration(30) == "30 s" and host.format_duration(240) == "4 min"
 
 
