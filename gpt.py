@@ -7,92 +7,233 @@
     python gpt.py sweep -N 2048               flash over a Br×Bc grid, with a heat map
     python gpt.py train --help                train a model (nanogpt/train.py)
 
-part0 is plain PyTorch (softmax(QKᵀ·scale)V with torch ops); part1..part4 are the variants of
-the extension's dispatch table in ladder order: naive, blocked, fused, flash.
+part0 is plain PyTorch (softmax(QKᵀ·scale)V with torch ops; the model calls this path
+"manual"); part1, part2, ... are the rows of the extension's dispatch table in ladder order,
+one subcommand per row (listing them loads the extension: on first use it compiles, about a
+minute). `python gpt.py COMMAND --help` lists each command's own options.
 """
 import argparse
+import os
 import sys
 
 import torch
 
 from nanogpt.sample import MODELS
 
-PARTS = ("part0", "part1", "part2", "part3", "part4")
+FIXED = ("bench", "sweep", "train")  # the commands that are not parts
+SHAPE = {"N": 1024, "B": 1, "H": 4, "d": 32}  # the parts' default shape (the course's)
+INFERENCE = {"model": "shakes128", "samples": 10, "temperature": 0.8, "top_k": 200, "seed": 1337,
+             "prompt": "\n", "no_kv_cache": False, "corpus": None}  # defaults of the inference options
 
 
-def variant_of(part: str):
-    """part0 → None (plain PyTorch); partN → the Nth variant of the dispatch table."""
+def part_names():
+    """(name, variant, help) per part: part0 is bench.PART0, partN the Nth row of the table."""
     import nanogpt
+    from nanogpt import bench
 
-    n = int(part[-1])
-    return None if n == 0 else nanogpt.VARIANTS[n - 1]
+    adds = dict(nanogpt.extension().variants())
+    return [(f"part{n}", variant, f"{variant}: {adds[variant]}" if variant in adds
+             else f"{variant}: plain PyTorch softmax(QKᵀ·scale)V with torch ops, the reference")
+            for n, variant in enumerate(bench.parts())]
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_shape(p, tiles: bool):
+    """-N -B -H -d (defaults None: the caller tells given from default) and --causal."""
+    g = p.add_argument_group("shape")
+    for name, what in (("N", "sequence length"), ("B", "batch size"), ("H", "heads"), ("d", "head dimension")):
+        g.add_argument(f"-{name}", type=positive, default=None, help=f"{what} (default {SHAPE[name]})")
+    if tiles:
+        g.add_argument("-br", type=positive, default=None,
+                       help="tile height Br, query rows per tile (flash, blocked; default: per variant and shape)")
+        g.add_argument("-bc", type=positive, default=None,
+                       help="tile width Bc, keys per tile (flash, blocked; default: per variant and shape)")
+    return g
+
+
+def add_part(sub, name, variant, help_text):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(command=name, variant=variant)
+    g = add_shape(p, tiles=name != "part0")
+    g.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    g.add_argument("--repeat", type=positive, default=None, help="timed repetitions, median kept (default 9)")
+    inf = p.add_argument_group("inference (with --inference only)")
+    inf.add_argument("--inference", action="store_true", help="generate text with the model on this part's attention")
+    inf.add_argument("-m", "--model", default=None, choices=sorted(MODELS, key=MODELS.get),
+                     help="characters to generate per sample (one 2048-context checkpoint serves all; default shakes128)")
+    inf.add_argument("--samples", type=positive, default=None, help="samples to generate (default 10)")
+    inf.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
+    inf.add_argument("--top-k", type=positive, default=None, help="sample from the k most likely characters (default 200)")
+    inf.add_argument("--seed", type=int, default=None, help="random seed (default 1337)")
+    inf.add_argument("--prompt", default=None, help="text to start from (default: a newline)")
+    inf.add_argument("--no-kv-cache", action="store_true", default=None,
+                     help="recompute the whole context for every new character")
+    inf.add_argument("--corpus", default=None, help="a text file: also print the share of generated words that are words of it")
+
+
+def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. with_parts=False leaves out part0..partN (listing them needs the
+    extension), for the commands that do not need it."""
+    p = argparse.ArgumentParser(prog="gpt.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    p.commands = sub.choices  # {name: the command's own parser}, for its usage in errors
+    if with_parts:
+        for name, variant, help_text in part_names():
+            add_part(sub, name, variant, help_text)
+
+    b = sub.add_parser("bench", help="every variant × shape, interleaved with SDPA",
+                       description="Verifies every variant against SDPA, then times each variant × shape × mask "
+                                   "interleaved with SDPA. Default: five shapes, causal and not; -N -B -H -d "
+                                   "(any of them) time that one shape instead.")
+    b.set_defaults(command="bench")
+    add_shape(b, tiles=False)
+    mask = b.add_mutually_exclusive_group()
+    mask.add_argument("--causal", dest="mask", action="store_const", const="causal", help="causal masks only")
+    mask.add_argument("--non-causal", dest="mask", action="store_const", const="none", help="no masks only")
+    b.add_argument("--repeat", type=positive, default=7, help="timed repetitions, median kept (default 7)")
+    b.add_argument("--variants", default=None, help="comma-separated variants (default: the whole dispatch table)")
+    b.add_argument("--json", default=None, help="save the table to this JSON file")
+
+    s = sub.add_parser("sweep", help="flash over a Br×Bc grid, with a heat map",
+                       description="Times flash over a Br×Bc grid (interleaved with SDPA, median) and marks the best.")
+    s.set_defaults(command="sweep")
+    add_shape(s, tiles=False)
+    s.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    s.add_argument("--repeat", type=positive, default=5, help="timed repetitions, median kept (default 5)")
+    s.add_argument("--png", default="sweep.png", help="heat-map file (default sweep.png)")
+
+    from nanogpt import train
+
+    t = sub.add_parser("train", help="train a model (nanogpt/train.py)", description=train.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.set_defaults(command="train")
+    train.add_arguments(t)
+    return p
+
+
+def check(p: argparse.ArgumentParser, args) -> None:
+    """Rejects options that the command would ignore, fills in defaults, checks files first."""
+    sub = p.commands[args.command]
+    if args.command == "train":
+        from nanogpt import train
+
+        train.check_args(sub, args)
+        return
+    if args.command.startswith("part"):
+        if args.inference:
+            given = [f"-{n}" for n in ("N", "B", "H", "d", "br", "bc") if getattr(args, n, None) is not None]
+            given += [f"--{n}" for n in ("causal",) if args.causal] + (["--repeat"] if args.repeat else [])
+            if given:
+                sub.error(f"{', '.join(given)}: options of the timed attention call, not of --inference "
+                          f"(the model has its own shapes): drop {' '.join(given)}")
+            for name, default in INFERENCE.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, default)
+            if args.corpus is not None and not os.path.isfile(args.corpus):
+                sub.error(f"--corpus {args.corpus}: no such file")
+        else:
+            given = [f"--{n.replace('_', '-')}" for n in INFERENCE if getattr(args, n) is not None]
+            if given:
+                sub.error(f"{', '.join(given)}: options of text generation: add --inference")
+            args.repeat = args.repeat or 9
+    args.shape_given = any(getattr(args, name) is not None for name in SHAPE)
+    for name, default in SHAPE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.command == "bench":
+        from nanogpt import bench
+
+        known = bench.parts()
+        variants = args.variants.split(",") if args.variants else None
+        unknown = [v for v in variants or () if v not in known]
+        if unknown:
+            sub.error(f"--variants: unknown {', '.join(unknown)}; expected names from {', '.join(known)}")
+        args.variants = variants
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=PARTS + ("bench", "sweep", "train"), help="what to run")
-    shape = p.add_argument_group("shape (parts, sweep)")
-    shape.add_argument("-N", type=int, default=1024, help="sequence length (default 1024)")
-    shape.add_argument("-B", type=int, default=1, help="batch size (default 1)")
-    shape.add_argument("-H", type=int, default=4, help="heads (default 4)")
-    shape.add_argument("-d", type=int, default=32, help="head dimension (default 32)")
-    shape.add_argument("-br", type=int, default=None, help="tile height Br, query rows per tile, for flash and blocked (default: per variant and shape)")
-    shape.add_argument("-bc", type=int, default=None, help="tile width Bc, keys per tile, for flash and blocked (default: per variant and shape)")
-    shape.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
-    shape.add_argument("--repeat", type=int, default=None, help="timed repetitions, median kept (default 9; bench 7; sweep 5)")
-    shape.add_argument("--sweep", action="store_true", help="with part4: same as the sweep command")
-    inf = p.add_argument_group("inference (with a part)")
-    inf.add_argument("--inference", action="store_true", help="generate text with the model on this part's attention")
-    inf.add_argument("-m", "--model", default="shakes128", choices=sorted(MODELS, key=MODELS.get),
-                     help="characters to generate per sample (one 2048-context checkpoint serves all)")
-    inf.add_argument("--samples", type=int, default=10, help="samples to generate (default 10)")
-    inf.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    inf.add_argument("--top-k", type=int, default=200, help="sample from the k most likely characters (default 200)")
-    inf.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
-    inf.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
-    inf.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context for every new character")
-    inf.add_argument("--corpus", default=None, help="a text file: also print the share of generated words that are words of it")
-    out = p.add_argument_group("bench")
-    out.add_argument("--json", default=None, help="bench: save the table to this JSON file")
-    out.add_argument("--variants", default=None, help="bench: comma-separated variants (default: all)")
-    out.add_argument("--png", default="sweep.png", help="sweep: heat-map file (default sweep.png)")
-    args = p.parse_args(argv)
-    for name in ("N", "B", "H", "d"):
-        if getattr(args, name) < 1:
-            p.error(f"-{name} must be at least 1")
-    for name in ("br", "bc"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"-{name} must be at least 1")
-    if args.sweep and args.command != "part4":
-        p.error("--sweep sweeps flash's tiles: use it with part4 (or the sweep command)")
+    with_parts = not (argv[:1] and argv[0] in FIXED)
+    try:
+        p = build_parser(with_parts)
+    except Exception as e:  # the extension's build failed: say so instead of a traceback
+        print(f"gpt.py: cannot list the parts: the attention extension did not build or load: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        print("gpt.py: see README.md, 'Set-up' (g++ with OpenMP and the Python headers are needed); "
+              "`python gpt.py train ...` works without the extension", file=sys.stderr)
+        sys.exit(1)
+    args, extra = p.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, which knows what the command takes
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)} "
+                                       f"(`gpt.py {args.command} --help` lists its options)")
+    check(p, args)
     return args
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # training has its own options
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.command == "train":
         from nanogpt import train
 
-        return train.main(argv[1:]) or 0
-    args = parse_args(argv)
+        try:
+            train.run(args, argv[1:])
+        except FileNotFoundError as e:  # no prepared data, a missing --init-from: one line, not a traceback
+            print(f"gpt.py train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from nanogpt import bench
 
     if args.command == "bench":
-        variants = args.variants.split(",") if args.variants else None
-        return 0 if bench.bench(variants=variants, repeat=args.repeat or 7, json_path=args.json) else 1
-    if args.command == "sweep" or args.sweep:
-        bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat or 5, png=args.png)
+        shapes = [(args.B, args.H, args.N, args.d)] if args.shape_given else bench.BENCH_SHAPES
+        causals = {"causal": (True,), "none": (False,), None: (False, True)}[args.mask]
+        return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat, json_path=args.json) else 1
+    if args.command == "sweep":
+        bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat, png=args.png)
         return 0
-    variant = variant_of(args.command)
     if args.inference:
         from nanogpt.sample import run_inference
 
-        run_inference("manual" if variant is None else variant, model=args.model, samples=args.samples,
-                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, prompt=args.prompt,
-                      kv_cache=not args.no_kv_cache, corpus=args.corpus)
+        if args.no_kv_cache:
+            announce_duration(args)
+        run_inference(args.variant, model=args.model, samples=args.samples, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, prompt=args.prompt, kv_cache=not args.no_kv_cache,
+                      corpus=args.corpus)
         return 0
-    ok = bench.part(variant, args.B, args.H, args.N, args.d, args.causal, args.br, args.bc, repeat=args.repeat or 9)
+    ok = bench.part(args.variant, args.B, args.H, args.N, args.d, args.causal, getattr(args, "br", None),
+                    getattr(args, "bc", None), repeat=args.repeat)
     return 0 if ok else 1
+
+
+def announce_duration(args) -> None:
+    """Without the KV cache every character re-runs its whole context (minutes at shakes2048 on
+    part0): time trial passes of the model over 1 token, a quarter of the longest context and
+    the longest, and say roughly how long the run will take if that is more than a few seconds."""
+    import time
+
+    from nanogpt.formats.checkpoint import load_checkpoint, shipped_checkpoint
+    from nanogpt.host import format_duration, quadratic_total
+
+    model, vocab, _ = load_checkpoint(shipped_checkpoint(), attention=args.variant)
+    block, t0 = model.config.block_size, len(args.prompt)
+    lengths = [min(t0 + t, block) for t in range(MODELS[args.model])] * args.samples
+    trials = []
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long))  # warm-up: first-call costs are not per pass
+        for n in sorted({1, max(1, max(lengths) // 4), max(lengths)}):
+            start = time.perf_counter()
+            model(torch.zeros(1, n, dtype=torch.long))
+            trials.append((n, time.perf_counter() - start))
+    total = quadratic_total(lengths, trials)
+    if total > 10:
+        print(f"no KV cache: {len(lengths)} passes over up to {max(lengths)} tokens, about "
+              f"{format_duration(total)} on this machine now (from trial passes over "
+              f"{', '.join(str(n) for n, _ in trials)} tokens)", flush=True)
 
 
 if __name__ == "__main__":

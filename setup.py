@@ -7,7 +7,7 @@ compiled module nanogpt._C, which `import nanogpt` prefers over a JIT build.
 import importlib.util
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # nanogpt/_build.py holds the sources and flags; loaded by path so that setup.py does not
@@ -27,7 +27,8 @@ setup(
     name="nanogpt-flash",
     version="0.1.0",
     description="CPU attention as a ladder of variants, and a NanoGPT that runs on them",
-    packages=["nanogpt"],
+    packages=find_packages(include=["nanogpt", "nanogpt.*"]),  # nanogpt.formats, nanogpt.models too
+    data_files=[("share/nanogpt-flash/checkpoints", ["checkpoints/shakes2048.pt"])],  # formats/checkpoint.py finds it
     ext_modules=[CppExtension("nanogpt._C", [str(Path(s).relative_to(Path.cwd())) if Path(s).is_relative_to(Path.cwd()) else s
                                              for s in build.sources()],
                               extra_compile_args=cflags, extra_link_args=build.LD_FLAGS,

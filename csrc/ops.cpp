@@ -98,6 +98,7 @@ TORCH_LIBRARY(nanogpt, m) {
 TORCH_LIBRARY_IMPL(nanogpt, CPU, m) { m.impl("attention", &attention); }
 
 void add_course_entry_points(pybind11::module_& m);  // course.cpp
+void add_peak_entry_points(pybind11::module_& m);    // peak.cpp
 
 }  // namespace nanogpt
 
@@ -133,4 +134,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return info;
   }, "what this binary was compiled with");
   add_course_entry_points(m);
+  add_peak_entry_points(m);
 }

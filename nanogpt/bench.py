@@ -1,7 +1,9 @@
 """Measuring the variants: verify first, then time each one interleaved with SDPA.
 
 The machine is shared and noisy, so every number is a ratio measured in the same loop: each
-repetition runs every contender once, in turn, and the median of the repetitions is kept.
+repetition runs every contender once, in turn, and the median of the repetitions is kept; and
+every timed span says whether other processes competed for the CPUs meanwhile (nanogpt.host),
+next to the figure. Headers name the host: its CPU and its measured FMA peak.
 """
 from __future__ import annotations
 
@@ -15,9 +17,16 @@ import time
 import torch
 
 import nanogpt
+from nanogpt.host import LoadWatch, format_host, host_info
 from nanogpt.reference import attention_reference, compare_to_sdpa, sdpa
 
 BENCH_SHAPES = [(1, 4, n, 32) for n in (1024, 2048, 4096, 8192)] + [(1, 12, 1024, 64)]  # (B, H, N, d)
+PART0 = "manual"  # part0's path: plain torch ops, the model's name for it (GPTConfig.attention)
+
+
+def parts() -> tuple:
+    """What gpt.py's partN runs: part0 is PART0, partN the Nth row of the dispatch table."""
+    return (PART0,) + tuple(nanogpt.VARIANTS)
 
 
 def interleaved_medians(fns: dict, repeat: int = 7, warmup: int = 1) -> dict:
@@ -73,9 +82,9 @@ def random_qkv(B, H, N, d, seed=0):
     return [torch.randn(B, H, N, d, generator=g) for _ in range(3)]
 
 
-def run(variant: str | None, q, k, v, causal=False, br=None, bc=None):
-    """One call: variant None is part0, plain PyTorch ops."""
-    if variant is None:
+def run(variant: str, q, k, v, causal=False, br=None, bc=None):
+    """One call: PART0 ("manual") is plain PyTorch ops, any other name a row of the table."""
+    if variant == PART0:
         return attention_reference(q, k, v, causal)
     return nanogpt.attention(q, k, v, variant=variant, causal=causal, br=br, bc=bc)
 
@@ -85,23 +94,32 @@ def format_info() -> str:
     return "build: " + ", ".join(f"{k}={v}" for k, v in info.items())
 
 
+def header() -> str:
+    """The lines every timing command starts with: the host (with its FMA peak) and the build."""
+    return format_host(host_info()) + "\n" + format_info()
+
+
 # ---------------------------------------------------------------------------------------
 # gpt.py part0..part4
 
 
-def part(variant: str | None, B=1, H=4, N=1024, d=32, causal=False, br=None, bc=None, repeat=9) -> bool:
-    """Checks one variant against SDPA, times it next to SDPA and measures its memory."""
+def part(variant: str, B=1, H=4, N=1024, d=32, causal=False, br=None, bc=None, repeat=9) -> bool:
+    """Checks one variant (or PART0) against SDPA, times it next to SDPA and measures its memory."""
     q, k, v = random_qkv(B, H, N, d)
-    name = variant or "plain PyTorch softmax(QKᵀ·scale)V"
+    print(header())
+    name = "manual (plain PyTorch softmax(QKᵀ·scale)V)" if variant == PART0 else variant
     print(f"{name}: B={B} H={H} N={N} d={d} causal={causal}"
-          + (f" Br={br or 'default'} Bc={bc or 'default'}" if variant == "flash" else ""))
+          + (f" Br={br or 'default'} Bc={bc or 'default'}" if br or bc or variant == "flash" else ""))
     out = run(variant, q, k, v, causal, br, bc)
     ok, err, bound = compare_to_sdpa(out, q, k, v, causal)
     print(f"  matches SDPA: {'yes' if ok else 'NO'} (max abs error {err:.2e}, allowed {bound:.2e})")
-    t = interleaved_medians({"ours": lambda: run(variant, q, k, v, causal, br, bc),
-                             "sdpa": lambda: sdpa(q, k, v, causal)}, repeat)
+    with LoadWatch() as load:
+        t = interleaved_medians({"ours": lambda: run(variant, q, k, v, causal, br, bc),
+                                 "sdpa": lambda: sdpa(q, k, v, causal)}, repeat)
     print(f"  time: {t['ours'] * 1e3:.2f} ms, SDPA {t['sdpa'] * 1e3:.2f} ms in the same run "
-          f"(median of {repeat}, interleaved): {t['sdpa'] / t['ours']:.2f}x SDPA's speed")
+          f"(median of {repeat}, interleaved): {t['sdpa'] / t['ours']:.2f}x SDPA's speed; "
+          f"{gflops(B, H, N, d, causal, t['ours']) / host_info()['fma_peak_gflops']:.0%} of the FMA peak")
+    print(f"  {load.verdict()}")
     mem = allocated_memory(lambda: run(variant, q, k, v, causal, br, bc))
     mem_sdpa = allocated_memory(lambda: sdpa(q, k, v, causal))
     output = out.numel() * out.element_size()
@@ -115,8 +133,10 @@ def part(variant: str | None, B=1, H=4, N=1024, d=32, causal=False, br=None, bc=
 
 
 def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, json_path=None) -> bool:
+    """Verifies every variant, then times each variant × shape × mask interleaved with SDPA.
+    variants defaults to the whole dispatch table (nanogpt.VARIANTS); PART0 may be named too."""
     variants = list(variants or nanogpt.VARIANTS)
-    print(format_info())
+    print(header())
     print("verifying every variant against SDPA first ...")
     all_ok = True
     for variant in variants:
@@ -132,28 +152,41 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
     sgemm = interleaved_medians({"sgemm": lambda: a @ b}, repeat)["sgemm"]
     print(f"all match. this machine's square sgemm (torch a @ b, 2048³): {2 * 2048**3 / sgemm / 1e9:.0f} GFLOP/s")
     print(f"timing: median of {repeat}, every variant interleaved with SDPA in one loop\n")
-    header = f"{'shape':<22}{'causal':<8}{'variant':<9}{'ms':>10}{'GFLOP/s':>10}{'xSDPA':>8}{'xnaive':>8}"
-    print(header)
-    print("-" * len(header))
-    rows = []
+    peak = host_info()["fma_peak_gflops"]
+    title = (f"{'shape':<22}{'causal':<8}{'variant':<9}{'ms':>10}{'GFLOP/s':>10}{'%peak':>7}{'xSDPA':>8}"
+             f"{'xnaive':>8}  load")
+    print(title)
+    print("-" * len(title))
+    rows, busy = [], []
     for (B, H, N, d) in shapes:
         q, k, v = random_qkv(B, H, N, d)
         for causal in causals:
             fns = {"sdpa": lambda: sdpa(q, k, v, causal)}
             fns.update({name: (lambda name=name: run(name, q, k, v, causal)) for name in variants})
-            t = interleaved_medians(fns, repeat)
+            with LoadWatch() as load:
+                t = interleaved_medians(fns, repeat)
+            if load.busy:
+                busy.append(f"B{B} H{H} N{N} d{d} causal={causal}: {load.verdict()}")
             for name, sec in t.items():
                 row = dict(B=B, H=H, N=N, d=d, causal=causal, variant=name, ms=sec * 1e3,
                            gflops=gflops(B, H, N, d, causal, sec), x_sdpa=t["sdpa"] / sec,
-                           x_naive=t["naive"] / sec if "naive" in t else None)
+                           x_naive=t["naive"] / sec if "naive" in t else None, busy=load.busy)
+                row["peak_share"] = row["gflops"] / peak
                 rows.append(row)
                 xn = f"{row['x_naive']:8.2f}" if row["x_naive"] else f"{'':8}"
                 print(f"{f'B{B} H{H} N{N} d{d}':<22}{str(causal):<8}{name:<9}{row['ms']:10.2f}"
-                      f"{row['gflops']:10.1f}{row['x_sdpa']:8.2f}{xn}")
+                      f"{row['gflops']:10.1f}{row['peak_share']:7.0%}{row['x_sdpa']:8.2f}{xn}"
+                      f"  {'BUSY' if load.busy else 'quiet'}")
+    print("\n%peak: the row's useful GFLOP/s as a share of this host's measured FMA peak "
+          f"({peak:.0f} GFLOP/s on {host_info()['threads']} threads)")
+    if busy:
+        print("rows marked BUSY were timed while other processes competed for the CPUs; do not trust them:")
+        for line in busy:
+            print("  " + line)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"build": nanogpt.build_info(), "repeat": repeat, "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9,
-                       "rows": rows}, f, indent=1)
+            json.dump({"host": host_info(), "build": nanogpt.build_info(), "repeat": repeat,
+                       "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9, "rows": rows}, f, indent=1)
         print(f"\nsaved {json_path}")
     return True
 
@@ -166,17 +199,19 @@ def sweep(B=1, H=4, N=1024, d=32, causal=False, brs=(16, 32, 64, 128, 192, 256),
           repeat=5, png="sweep.png") -> dict:
     """Times flash over a Br×Bc grid (interleaved, median), prints the table, marks the best."""
     q, k, v = random_qkv(B, H, N, d)
-    print(format_info())
+    print(header())
     print(f"flash Br×Bc sweep: B={B} H={H} N={N} d={d} causal={causal}, ms (median of {repeat})")
     fns = {(br, bc): (lambda br=br, bc=bc: run("flash", q, k, v, causal, br, bc)) for br in brs for bc in bcs}
     fns["sdpa"] = lambda: sdpa(q, k, v, causal)
-    t = interleaved_medians(fns, repeat)
+    with LoadWatch() as load:
+        t = interleaved_medians(fns, repeat)
     best = min((key for key in t if key != "sdpa"), key=t.get)
     print("Br \\ Bc" + "".join(f"{bc:>9}" for bc in bcs))
     for br in brs:
         print(f"{br:<7}" + "".join(f"{t[(br, bc)] * 1e3:8.2f}" + ("*" if (br, bc) == best else " ") for bc in bcs))
     print(f"best: Br={best[0]} Bc={best[1]} {t[best] * 1e3:.2f} ms; default "
           f"{nanogpt.extension().default_tiles(N, N, d)}; SDPA {t['sdpa'] * 1e3:.2f} ms ({t['sdpa'] / t[best]:.2f}x)")
+    print(load.verdict())
     if png:
         import matplotlib
 

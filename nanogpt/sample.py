@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nanogpt.formats.checkpoint import load_checkpoint
+from nanogpt.formats.checkpoint import load_checkpoint, shipped_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHECKPOINT = os.path.join(REPO, "checkpoints", "shakes2048.pt")
@@ -39,7 +39,7 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
         raise ValueError(f"unknown model {model!r}: expected one of {sorted(MODELS)}")
     if threads:
         torch.set_num_threads(threads)
-    path = checkpoint or DEFAULT_CHECKPOINT
+    path = checkpoint or shipped_checkpoint()
     gpt, vocab, _ = load_checkpoint(path, attention=attention)
     stoi = {ch: i for i, ch in enumerate(vocab)}
     unknown = sorted(set(prompt) - set(stoi))

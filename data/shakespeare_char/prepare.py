@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def download(url, path):
     print(f"downloading {url} -> {path}")
-    with urllib.request.urlopen(url, timeout=60) as r:
+    with urllib.request.urlopen(url, timeout=30) as r:
         data = r.read()
     with open(path, "wb") as f:
         f.write(data)
@@ -49,11 +49,17 @@ def main(argv=None):
 
     if args.input:
         path = args.input
+        if not os.path.isfile(path):
+            p.error(f"--input {path}: no such file")
     else:
         path = os.path.join(args.out_dir, "input.txt")
         if not os.path.exists(path):
             os.makedirs(args.out_dir, exist_ok=True)
-            download(args.url, path)
+            try:
+                download(args.url, path)
+            except OSError as e:  # URLError, timeouts, refused connections: no network
+                sys.exit(f"prepare.py: cannot download {args.url} ({getattr(e, 'reason', e)}); without network, "
+                         f"give the text as a file: python data/shakespeare_char/prepare.py --input FILE")
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     info = prepare(text, args.out_dir)

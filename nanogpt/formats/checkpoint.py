@@ -3,11 +3,35 @@
     {"model": state_dict tensors, "config": dict of GPTConfig values, "vocab": str of the sorted
      characters, plus plain numbers (iter_num, val_loss, ...)}; no pickled code or objects.
 """
+import os
+import sys
 from dataclasses import asdict, fields
 
 import torch
 
 from nanogpt.models.gpt import GPT, GPTConfig
+
+
+SHIPPED = "shakes2048.pt"  # the one shipped checkpoint: 2048-character context, serves every shakesN
+
+
+def shipped_checkpoint_paths() -> list[str]:
+    """Where the shipped checkpoint may be, in order: checkpoints/ of the clone this package
+    runs from, then where `pip install .` puts it (setup.py's data_files: <prefix>/share/...)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [os.path.join(repo, "checkpoints", SHIPPED),
+            os.path.join(sys.prefix, "share", "nanogpt-flash", "checkpoints", SHIPPED)]
+
+
+def shipped_checkpoint() -> str:
+    """The path of the shipped checkpoint; FileNotFoundError naming every place looked in."""
+    paths = shipped_checkpoint_paths()
+    for path in paths:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"the shipped checkpoint {SHIPPED} is in none of: {', '.join(paths)}; "
+                            f"run from a clone of the repository (its checkpoints/ folder holds it) "
+                            f"or reinstall with `pip install --no-build-isolation .` from that clone")
 
 
 def checkpoint_dict(model, vocab, **extra):

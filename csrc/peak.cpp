@@ -1,0 +1,79 @@
+// This host's FMA peak, measured: the figure the benchmark's GFLOP/s are a share of, so a
+// reader on another host can scale the README's numbers. Independent multiply-add chains on
+// the widest vectors this build has (one zmm with AVX-512, one ymm with AVX), 12 of them: the
+// FMA latency (4 cycles) times the FMA pipes (2 on Zen 3 and Skylake-X) is 8 chains in
+// flight, and 12 registers plus two constants still fit in AVX2's 16. Native-width vectors,
+// not simd.h's 16-lane vf: GCC spills an array of two-register vectors to the stack.
+#include <torch/extension.h>
+
+#include <atomic>
+#include <chrono>
+
+namespace nanogpt {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kBytes = 64;
+#elif defined(__AVX__)
+constexpr int kBytes = 32;
+#else
+constexpr int kBytes = 16;
+#endif
+typedef float vn __attribute__((vector_size(kBytes)));
+constexpr int kWidth = kBytes / sizeof(float);
+constexpr int kChains = 12;
+constexpr int64_t kStepsPerCheck = int64_t(1) << 14;  // FMAs per chain between clock reads
+
+// Runs the chains for about `seconds`; returns the multiply-adds done (per lane).
+int64_t fma_chains(double seconds, float* sink) {
+  using clock = std::chrono::steady_clock;
+  vn acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = vn{} + (1.0f + 0.01f * c);
+  // x ← x·m + a converges to a/(1-m) = 1: finite forever, and not foldable by the compiler
+  // since the step count is only known at run time. -ffp-contract=fast makes it one FMA.
+  const vn m = vn{} + 0.999f, a = vn{} + 0.001f;
+  const auto end = clock::now() + std::chrono::duration<double>(seconds);
+  int64_t steps = 0;
+  do {
+    for (int64_t s = 0; s < kStepsPerCheck; ++s) {
+#pragma GCC unroll 16
+      for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * m + a;  // all 12 stay in registers
+    }
+    steps += kStepsPerCheck;
+  } while (clock::now() < end);
+  float total = 0.f;
+  for (int c = 0; c < kChains; ++c)
+    for (int l = 0; l < kWidth; ++l) total += acc[c][l];
+  *sink = total;
+  return steps * kChains * kWidth;
+}
+
+}  // namespace
+
+// GFLOP/s (2 flops per multiply-add) of `threads` threads each running FMA chains for
+// `seconds`, over the wall time of the whole run (torch's intra-op threads: asking for more
+// than torch.get_num_threads() runs some of them one after the other, and the figure says so).
+double fma_peak_gflops(int64_t threads, double seconds) {
+  TORCH_CHECK_VALUE(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got ", threads);
+  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "seconds must be in (0, 10], got ", seconds);
+  std::atomic<int64_t> fmas{0};
+  volatile float sink = 0.f;  // keeps the chains' results alive
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float s = 0.f;
+      fmas += fma_chains(seconds, &s);
+      sink = sink + s;
+    }
+  });
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return 2.0 * double(fmas.load()) / wall / 1e9;
+}
+
+void add_peak_entry_points(pybind11::module_& m) {
+  using pybind11::arg;
+  m.def("fma_peak_gflops", &fma_peak_gflops, arg("threads"), arg("seconds"),
+        "measured FMA throughput in GFLOP/s of `threads` threads for about `seconds` each");
+}
+
+}  // namespace nanogpt
