@@ -9,6 +9,8 @@
 // constant, so a query's result is the same for any thread count, batch or head count, and any
 // number of queries in the call that takes this path (the tile path, for more queries, rounds
 // differently within float32 error). K and V are read in place, any row stride.
+#include <immintrin.h>
+
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -33,10 +35,19 @@ inline vw wload(const float* p) {
   return v;
 }
 inline void wstore(float* p, vw v) { std::memcpy(p, &v, sizeof v); }
-inline vw wload_part(const float* p, int n) {  // n < kW floats, the rest zero (no over-read)
+// n < kW floats, the rest zero, without reading past p[n-1] (a masked load: no call, so the
+// accumulators of the loops that use it stay in registers).
+inline vw wload_part(const float* p, int n) {
+#if defined(__AVX512F__)
+  return (vw)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return (vw)_mm256_maskload_ps(p, mask);
+#else
   vw v = {};
-  std::memcpy(&v, p, n * sizeof(float));
+  for (int i = 0; i < n; ++i) v[i] = p[i];
   return v;
+#endif
 }
 
 // out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
