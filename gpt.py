@@ -20,7 +20,7 @@ import torch
 
 from nanogpt.sample import MODELS
 
-FIXED = ("bench", "sweep", "train")  # the commands that are not parts
+FIXED = ("bench", "sweep", "tune", "train")  # the commands that are not parts
 SHAPE = {"N": 1024, "B": 1, "H": 4, "d": 32}  # the parts' default shape (the course's)
 INFERENCE = {"model": "shakes128", "samples": 10, "temperature": 0.8, "top_k": 200, "seed": 1337,
              "prompt": "\n", "no_kv_cache": False, "corpus": None}  # defaults of the inference options
@@ -107,6 +107,16 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
     s.add_argument("--repeat", type=positive, default=5, help="timed repetitions, median kept (default 5)")
     s.add_argument("--png", default="sweep.png", help="heat-map file (default sweep.png)")
+    s.add_argument("--save", action="store_true",
+                   help="keep the best cell as this CPU's default tiles for heads of size <= d (see `tune`)")
+
+    u = sub.add_parser("tune", help="measure flash's tiles on this CPU and keep them as its defaults",
+                       description="Sweeps flash's Br×Bc at N (default 2048) for each head size and saves the best "
+                                   "cell of each in a file named after this CPU, read by every later run (nanogpt.tune).")
+    u.set_defaults(command="tune")
+    u.add_argument("-N", type=positive, default=2048, help="sequence length of the sweep (default 2048)")
+    u.add_argument("--dims", default="32,64,128", help="head sizes to tune, comma-separated (default 32,64,128)")
+    u.add_argument("--repeat", type=positive, default=5, help="timed repetitions, median kept (default 5)")
 
     from nanogpt import train
 
@@ -194,7 +204,25 @@ def main(argv=None) -> int:
         causals = {"causal": (True,), "none": (False,), None: (False, True)}[args.mask]
         return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat, json_path=args.json) else 1
     if args.command == "sweep":
-        bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat, png=args.png)
+        result = bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat, png=args.png)
+        if args.save:
+            from nanogpt import tuning as tune
+
+            print(f"saved Br={result['best'][0]} Bc={result['best'][1]} for d <= {args.d} in "
+                  f"{tune.save(args.d, *result['best'])}")
+        return 0
+    if args.command == "tune":
+        from nanogpt import tuning as tune
+
+        try:
+            dims = [int(x) for x in args.dims.split(",")]
+        except ValueError:
+            dims = []
+        if not dims or min(dims) < 1:
+            print(f"gpt.py tune: error: --dims must be positive head sizes separated by commas, got {args.dims!r}",
+                  file=sys.stderr)
+            return 2
+        tune.tune(args.N, dims, repeat=args.repeat)
         return 0
     if args.inference:
         from nanogpt.sample import run_inference

@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 namespace nanogpt {
 
@@ -73,8 +75,11 @@ inline at::Tensor keys_transposed(const Problem& p) {
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
 void flash_decode(const Problem& p);
 
-// Default flash tiles for a shape (chosen from `gpt.py sweep` on this machine).
+// Default flash tiles for a shape on this host (tiles.cpp): tuned by nanogpt.tune() if it
+// measured this CPU, else from a model of the cache sizes.
 std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
+std::pair<int64_t, int64_t> flash_model_tiles(int64_t Nq, int64_t d);
+void set_tuned_tiles(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& rules);
 
 // Validates the arguments (errors name them) and runs one variant; returns (B, H, Nq, d).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

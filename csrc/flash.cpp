@@ -18,13 +18,6 @@
 
 namespace nanogpt {
 
-// From `gpt.py sweep` and single-thread runs (ISPC build): Br=128 is best from N=2048 on;
-// at N=1024 Br=64 wastes less on the causal diagonal and gives two threads more blocks to
-// share. Bc=512 is best up to d=64; a larger d keeps the score tile in L2 with Bc=256.
-std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t /*Nk*/, int64_t d) {
-  return {Nq >= 2048 ? 128 : 64, d <= 64 ? 512 : 256};
-}
-
 namespace {
 
 // One thread's scratch, carved from one ATen allocation (see flash_tile.h for the shapes).

@@ -110,7 +110,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const Variant& v : kVariants) out.emplace_back(v.name, v.adds);
     return out;
   }, "(name, what it adds) for each variant, in ladder order: the one dispatch table");
-  m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d)");
+  m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d) on this host");
+  m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
+  m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
   m.def("compiled_info", [] {
     pybind11::dict info;

@@ -23,7 +23,7 @@ from nanogpt.reference import attention_reference, causal_mask
 # DataLoader workers do.
 os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
-__all__ = ["attention", "attention_reference", "causal_mask", "extension", "build_info", "VARIANTS"]
+__all__ = ["attention", "attention_reference", "causal_mask", "extension", "build_info", "tune", "VARIANTS"]
 
 _ext = None
 _source = None
@@ -43,6 +43,9 @@ def extension():
             ext = _build.load()
             _source = "jit"
         _ext = ext
+        from nanogpt import tuning as _tune
+
+        _tune.apply(ext, _tune.load())  # this CPU's measured tiles, if nanogpt.tune() ran here
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
         torch.library.register_autograd("nanogpt::attention", _no_backward, setup_context=_no_context)
     return _ext
@@ -67,6 +70,13 @@ def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc
                  lambda: f"k and v must have shape (B, H, Nk, d) to match q {tuple(q.shape)}"
                          + (" (or Hk heads dividing H, with enable_gqa)" if enable_gqa else ""))
     return q.new_empty(q.shape)
+
+
+def tune(**kwargs):
+    """Measures flash's tiles on this CPU and keeps them as its defaults (nanogpt/tune.py)."""
+    from nanogpt import tuning as _tune
+
+    return _tune.tune(**kwargs)
 
 
 def __getattr__(name):

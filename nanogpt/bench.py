@@ -234,4 +234,4 @@ def sweep(B=1, H=4, N=1024, d=32, causal=False, brs=(16, 32, 64, 128, 192, 256),
         fig.tight_layout()
         fig.savefig(png, dpi=100)
         print(f"heat map: {png}")
-    return {"best": best, "times": {str(k): v for k, v in t.items()}}
+    return {"best": best, "best_ms": t[best] * 1e3, "times": {str(k): v for k, v in t.items()}}
