@@ -135,6 +135,8 @@ def check(p: argparse.ArgumentParser, args) -> None:
 
         train.check_args(sub, args)
         return
+    if args.command == "tune":  # its own -N; no other shape
+        return
     if args.command.startswith("part"):
         if args.inference:
             given = [f"-{n}" for n in ("N", "B", "H", "d", "br", "bc") if getattr(args, n, None) is not None]
