@@ -3,6 +3,8 @@
     python gpt.py part4                       flash vs SDPA at B1 H4 N1024 d32: match, time, memory
     python gpt.py part2 -N 512 --causal       any part, any shape
     python gpt.py part4 --inference -m shakes256   generate Shakespeare with the flash kernel
+    python gpt.py part4 --inference -m model.bin --tokenizer tokenizer.bin --temperature 0 --prompt "Once"
+                                              a llama2.c model (or a Hugging Face GPT-2 / Llama directory)
     python gpt.py bench [--json bench.json]   every variant × default shapes, interleaved with SDPA
     python gpt.py sweep -N 2048               flash over a Br×Bc grid, with a heat map
     python gpt.py train --help                train a model (nanogpt/train.py)
@@ -43,11 +45,16 @@ def parse_args(argv):
     shape.add_argument("--sweep", action="store_true", help="with part4: same as the sweep command")
     inf = p.add_argument_group("inference (with a part)")
     inf.add_argument("--inference", action="store_true", help="generate text with the model on this part's attention")
-    inf.add_argument("-m", "--model", default="shakes128", choices=sorted(MODELS, key=MODELS.get),
-                     help="characters to generate per sample (one 2048-context checkpoint serves all)")
+    inf.add_argument("-m", "--model", default="shakes128", metavar="MODEL",
+                     help=f"one of {', '.join(sorted(MODELS, key=MODELS.get))} (the character checkpoint, N characters "
+                          "per sample), or a path: a nanogpt checkpoint (.pt), a llama2.c model.bin (v0, v1, v2) or "
+                          "a Hugging Face GPT-2 / Llama directory")
+    inf.add_argument("--tokenizer", default=None, help="the model's tokenizer.bin / tokenizer.json if not beside it")
+    inf.add_argument("--max-new-tokens", type=int, default=None, help="tokens per sample (default: N for shakesN, else 256)")
     inf.add_argument("--samples", type=int, default=10, help="samples to generate (default 10)")
-    inf.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    inf.add_argument("--top-k", type=int, default=200, help="sample from the k most likely characters (default 200)")
+    inf.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy argmax (default 0.8)")
+    inf.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
+    inf.add_argument("--top-p", type=float, default=None, help="sample from the most likely tokens holding probability p (nucleus; default off)")
     inf.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     inf.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
     inf.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context for every new character")
@@ -87,9 +94,14 @@ def main(argv=None) -> int:
     if args.inference:
         from nanogpt.sample import run_inference
 
-        run_inference("manual" if variant is None else variant, model=args.model, samples=args.samples,
-                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, prompt=args.prompt,
-                      kv_cache=not args.no_kv_cache, corpus=args.corpus)
+        try:
+            run_inference("manual" if variant is None else variant, model=args.model, samples=args.samples,
+                          temperature=args.temperature, top_k=args.top_k, seed=args.seed, prompt=args.prompt,
+                          kv_cache=not args.no_kv_cache, corpus=args.corpus, tokenizer=args.tokenizer,
+                          max_new_tokens=args.max_new_tokens, top_p=args.top_p)
+        except (ValueError, FileNotFoundError) as e:  # a bad model file, tokenizer or prompt: the message names it
+            print(f"gpt.py: error: {e}", file=sys.stderr)
+            return 2
         return 0
     ok = bench.part(variant, args.B, args.H, args.N, args.d, args.causal, args.br, args.bc, repeat=args.repeat or 9)
     return 0 if ok else 1

@@ -119,7 +119,8 @@ class Llama2cTokenizer:
     def piece_bytes(self, prev: int, token: int) -> bytes:
         """The bytes run.c prints for `token` after `prev`: a piece after BOS loses its leading
         space; <0xXX> is the byte itself; a single byte that is neither printable ASCII nor
-        whitespace prints as nothing (run.c's safe_printf)."""
+        whitespace prints as nothing (run.c's safe_printf, in the C locale: so a character
+        spelled in byte tokens, e.g. an emoji, disappears, as it does from run.c's output)."""
         piece = self.pieces[token]
         if prev == self.BOS and piece[:1] == b" ":
             piece = piece[1:]
@@ -127,17 +128,17 @@ class Llama2cTokenizer:
         if m:
             piece = bytes([int(m.group(1), 16)])
         if len(piece) == 1 and piece[0] not in _PRINTABLE:
-            # bytes >= 0x80 are kept: they may be the parts of one UTF-8 character in byte
-            # tokens (run.c writes them raw only to drop them; decode() drops the invalid ones)
-            return piece if piece[0] >= 0x80 and m else b""
+            return b""
         return piece
 
     def decode(self, ids) -> str:
-        """The text run.c prints for a token sequence (the first token is taken as following
-        nothing). Raw bytes that do not form valid UTF-8 are dropped."""
+        """The text run.c prints for a token sequence: a leading BOS is not printed (run.c starts
+        from it), and sets up the leading-space strip of the next piece."""
         ids = list(ids)
-        out = b"".join(self.piece_bytes(prev, tok) for prev, tok in zip([-1] + ids[:-1], ids))
-        return out.decode("utf-8", errors="ignore")
+        prev = [-1] + ids[:-1]
+        start = 1 if ids[:1] == [self.BOS] else 0
+        out = b"".join(self.piece_bytes(prev[i], ids[i]) for i in range(start, len(ids)))
+        return out.decode("utf-8", errors="replace")  # pieces are UTF-8; replace only what is not
 
 
 # -----------------------------------------------------------------------------

@@ -34,11 +34,11 @@ def load(path, tokenizer=None, attention="torch"):
         model, vocab, _ = load_checkpoint(path, attention=attention)
         return model, CharTokenizer(vocab)
     if llama2c.sniff(head) is not None or head[:4] == llama2c.MAGIC_BYTES:
-        model = llama2c.load_model(path, attention)
         tok_path = tokenizer or os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.bin")
         if not os.path.isfile(tok_path):
             raise FileNotFoundError(f"{path}: a llama2.c model needs its tokenizer.bin: {tok_path} does not exist "
                                     "(pass --tokenizer PATH)")
+        model = llama2c.load_model(path, attention)
         return model, llama2c.read_tokenizer(tok_path, model.config.vocab_size)
     raise ValueError(f"{path}: unrecognised model format: not a nanogpt checkpoint (.pt zip), a llama2.c "
                      "model.bin (legacy v0 header or 'ak42' magic) or a Hugging Face directory (config.json)")
