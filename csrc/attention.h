@@ -1,8 +1,10 @@
 // nanogpt-flash: the one kernel signature and the one dispatch table.
 //
 // Every variant computes O = softmax(Q Kᵀ·scale + mask) V for one problem:
-//   q, o: (B, H, Nq, d)   k, v: (B, H, Nk, d)   float32, last dimension contiguous,
+//   q, o: (B, H, Nq, d)   k, v: (B, Hk, Nk, d)   float32, last dimension contiguous,
 //   other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is read in place).
+// Grouped-query attention (SDPA's enable_gqa): Hk divides H and query head h reads kv head
+// h / (H / Hk); View::group does that mapping, so no kernel copies or repeats K and V.
 // Causal masks are aligned bottom-right: query i sees keys j <= i + (Nk - Nq), which is
 // what KV-cache decoding needs (SDPA's is_causal aligns top-left; the two agree when
 // Nq == Nk). A query that sees no key gets a zero output row, as SDPA gives.
@@ -15,11 +17,13 @@
 
 namespace nanogpt {
 
-// A (B, H, N, d) float tensor whose last dimension is contiguous.
+// A (B, H, N, d) float tensor whose last dimension is contiguous, indexed by query head:
+// head h is stored head h / group (group > 1 only for k and v under grouped-query attention).
 struct View {
   float* data;
-  int64_t sb, sh, sn;  // strides in elements of batch, head and row
-  float* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
+  int64_t sb, sh, sn;  // strides in elements of batch, stored head and row
+  int64_t group = 1;   // query heads per stored head
+  float* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h / group * sh + n * sn; }
 };
 
 struct Problem {
@@ -52,17 +56,22 @@ void blocked_attention(const Problem& p);
 void fused_attention(const Problem& p);
 void flash_attention(const Problem& p);
 
-// K transposed, (B, H, d, ldk) with keys in [0, Nk): one copy, so that the row-wise variants
+// K transposed, (B, Hk, d, ldk) with keys in [0, Nk): one copy, so that the row-wise variants
 // compute a query's scores as d vectorised passes over keys instead of Nk short dot products.
 // ldk is padded past a multiple of 16: with a power-of-two stride (Nk = 1024: 4 KiB) a walk
 // down the d rows of one column would land in a single L1 set.
 inline at::Tensor keys_transposed(const Problem& p) {
-  const int64_t ldk = (p.Nk + 15) / 16 * 16 + 16;
-  at::Tensor kt = at::empty({p.B, p.H, p.d, ldk}, at::kFloat);
+  const int64_t ldk = (p.Nk + 15) / 16 * 16 + 16, Hk = p.H / p.k.group;
+  at::Tensor kt = at::empty({p.B, Hk, p.d, ldk}, at::kFloat);
   kt.narrow(3, 0, p.Nk).copy_(
-      at::from_blob(p.k.data, {p.B, p.H, p.Nk, p.d}, {p.k.sb, p.k.sh, p.k.sn, 1}, at::kFloat).transpose(2, 3));
+      at::from_blob(p.k.data, {p.B, Hk, p.Nk, p.d}, {p.k.sb, p.k.sh, p.k.sn, 1}, at::kFloat).transpose(2, 3));
   return kt;
 }
+
+// Which of flash's code paths serves a problem: "decode" (a few queries, as in a KV-cache
+// step, decode.cpp) unless tiles were asked for, else "tiles" (flash.cpp).
+const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
+void flash_decode(const Problem& p);
 
 // Default flash tiles for a shape (chosen from `gpt.py sweep` on this machine).
 std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
@@ -70,6 +79,6 @@ std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t 
 // Validates the arguments (errors name them) and runs one variant; returns (B, H, Nq, d).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      c10::string_view variant, bool causal, std::optional<double> scale,
-                     int64_t br, int64_t bc);
+                     int64_t br, int64_t bc, bool enable_gqa);
 
 }  // namespace nanogpt

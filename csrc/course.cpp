@@ -27,7 +27,7 @@ void check_scratch(const at::Tensor& t, const char* name, std::vector<int64_t> w
 
 at::Tensor run(const char* variant, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                int64_t br = 0, int64_t bc = 0) {
-  return attention(Q, K, V, variant, /*causal=*/false, /*scale=*/1.0, br, bc);
+  return attention(Q, K, V, variant, /*causal=*/false, /*scale=*/1.0, br, bc, /*enable_gqa=*/false);
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ void fused_attention(const Problem& p) {
   const int64_t threads = at::get_num_threads();
   at::Tensor rows_t = at::empty({threads, std::max<int64_t>(p.Nk, 1)}, at::kFloat);  // (threads, Nk)
   float* rows = rows_t.data_ptr<float>();
-  const at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
+  const at::Tensor Kt_t = keys_transposed(p);  // (B, Hk, d, ldk)
   const float* Kt = Kt_t.data_ptr<float>();
   const int64_t ldk = Kt_t.size(3);
   const float c = p.scale * kLog2e;
@@ -26,7 +26,8 @@ void fused_attention(const Problem& p) {
     float* s = rows + slot * rows_t.size(1);
     for (int64_t i = i0; i < std::min(p.Nq, i0 + kRowsPerItem); ++i) {
       const int64_t end = p.key_end(i);
-      scores_row(p.q.row(b, h, i), Kt + bh * p.d * ldk, ldk, p.d, c, s, end);
+      const int64_t kv = b * Kt_t.size(1) + h / p.k.group;  // this query head's kv head
+      scores_row(p.q.row(b, h, i), Kt + kv * p.d * ldk, ldk, p.d, c, s, end);
       const float sum = softmax2_unnormalised(s, end);
       float* o = p.o.row(b, h, i);
       std::fill(o, o + p.d, 0.f);

@@ -51,14 +51,21 @@ View view_of(const at::Tensor& t, at::Tensor& keep) {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      c10::string_view variant, bool causal, std::optional<double> scale,
-                     int64_t br, int64_t bc) {
+                     int64_t br, int64_t bc, bool enable_gqa) {
   check_tensor(q, "q");
   check_tensor(k, "k");
   check_tensor(v, "v");
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), Nk = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == d,
-                    "k must have shape (B, H, Nk, d) = (", B, ", ", H, ", Nk, ", d,
-                    ") to match q of shape ", q.sizes(), ", got ", k.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), Nk = k.size(2), Hk = k.size(1);
+  if (enable_gqa) {
+    TORCH_CHECK_VALUE(k.size(0) == B && (Hk == H || (Hk > 0 && H % Hk == 0)) && k.size(3) == d,
+                      "k must have shape (B, Hk, Nk, d) with Hk dividing H (enable_gqa=True), with B=", B,
+                      " H=", H, " d=", d, " from q of shape ", q.sizes(), ", got ", k.sizes());
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == B && Hk == H && k.size(3) == d,
+                      "k must have shape (B, H, Nk, d) = (", B, ", ", H, ", Nk, ", d,
+                      ") to match q of shape ", q.sizes(), ", got ", k.sizes(),
+                      Hk != H ? " (for fewer kv heads, grouped-query attention, pass enable_gqa=True)" : "");
+  }
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k ", k.sizes(), ", got ", v.sizes());
   const Variant* var = find_variant(std::string(variant));
   TORCH_CHECK_VALUE(var != nullptr, "variant must be one of ", variant_names(), "; got '", variant, "'");
@@ -75,6 +82,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const View o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
   Problem p{view_of(q, qk), view_of(k, kk), view_of(v, vk), o,
             B, H, Nq, Nk, d, float(s), causal, br, bc};
+  p.k.group = p.v.group = H / Hk;  // query heads per kv head
   var->run(p);
   return out;
 }
@@ -84,7 +92,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 TORCH_LIBRARY(nanogpt, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, str variant='flash', bool causal=False, "
-        "float? scale=None, int br=0, int bc=0) -> Tensor");
+        "float? scale=None, int br=0, int bc=0, bool enable_gqa=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanogpt, CPU, m) { m.impl("attention", &attention); }
@@ -102,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "(name, what it adds) for each variant, in ladder order: the one dispatch table");
   m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d)");
+  m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
   m.def("compiled_info", [] {
     pybind11::dict info;
 #ifdef NANOGPT_WITH_ISPC

@@ -95,13 +95,13 @@ void normalise(const Problem& p, int64_t b, int64_t h, const float* rowsum, int6
 // its rounding) does not depend on how many rows the call has.
 void unfused(const Problem& p, const char* name, int64_t tr, int64_t tc, bool tile8) {
   at::Tensor S_t = score_matrix(p, name), rowsum_t = at::empty({p.Nq}, at::kFloat);
-  at::Tensor Kt_t = keys_transposed(p);  // (B, H, d, ldk)
+  at::Tensor Kt_t = keys_transposed(p);  // (B, Hk, d, ldk)
   float* S = S_t.data_ptr<float>();
   float* rowsum = rowsum_t.data_ptr<float>();
   const int64_t row_tiles = (p.Nq + tr - 1) / tr;
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.H; ++h) {
-      const float* Kt = Kt_t[b][h].data_ptr<float>();
+      const float* Kt = Kt_t[b][h / p.k.group].data_ptr<float>();
       const int64_t ldk = Kt_t.size(3);
       at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {  // pass 1: S = QKᵀ
         for (int64_t t = t0; t < t1; ++t) {

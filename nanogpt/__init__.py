@@ -57,12 +57,15 @@ def _no_backward(ctx, grad):
                               "train with torch.nn.functional.scaled_dot_product_attention")
 
 
-def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
+def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0, enable_gqa=False):
     """Shape function for meta tensors and torch.compile: the same checks as the CPU kernel's."""
     torch._check(q.device == k.device == v.device, lambda: "q, k and v must be on the same device")
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must have 4 dimensions (B, H, N, d)")
-    torch._check(k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3] and v.shape == k.shape,
-                 lambda: f"k and v must have shape (B, H, Nk, d) to match q {tuple(q.shape)}")
+    H, Hk = q.shape[1], k.shape[1]
+    heads_ok = Hk == H or (enable_gqa and Hk > 0 and H % Hk == 0)
+    torch._check(k.shape[0] == q.shape[0] and heads_ok and k.shape[3] == q.shape[3] and v.shape == k.shape,
+                 lambda: f"k and v must have shape (B, H, Nk, d) to match q {tuple(q.shape)}"
+                         + (" (or Hk heads dividing H, with enable_gqa)" if enable_gqa else ""))
     return q.new_empty(q.shape)
 
 
@@ -83,11 +86,13 @@ def _check_tile(name, value):
 
 
 def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: float | None = None,
-              br: int | None = None, bc: int | None = None) -> torch.Tensor:
+              br: int | None = None, bc: int | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ·scale + causal mask) v with one of nanogpt.VARIANTS.
 
     q (B, H, Nq, d), k and v (B, H, Nk, d): float32 CPU tensors; inputs whose last dimension
     is contiguous are read in place, others are copied once. scale defaults to 1/√d.
+    enable_gqa (as SDPA's): k and v may have Hk heads, Hk dividing H; query head h then reads
+    kv head h // (H // Hk), without copying K or V.
     br, bc: flash's tile height and width (blocked's tile too); None picks the default.
     Returns a contiguous (B, H, Nq, d) tensor.
     """
@@ -100,15 +105,16 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
             raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a str naming one of nanogpt.VARIANTS, got {variant!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a number or None, got {scale!r}")
         scale = float(scale)
     br, bc = _check_tile("br", br), _check_tile("bc", bc)
     extension()
-    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc)
+    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc, enable_gqa)
 
 
 def build_info() -> dict:

@@ -17,13 +17,24 @@ def causal_mask(nq: int, nk: int, device=None) -> torch.Tensor:
     return j <= i + (nk - nq)
 
 
+def repeat_kv(q, k, v):
+    """k and v with Hk heads repeated to q's H (grouped-query attention, SDPA's enable_gqa):
+    query head h reads kv head h // (H // Hk)."""
+    group = q.shape[1] // max(k.shape[1], 1)
+    if group <= 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def attention_reference(q, k, v, causal: bool = False, scale: float | None = None, rows=None) -> torch.Tensor:
-    """q (B, H, Nq, d), k and v (B, H, Nk, d) -> (B, H, Nq, d), in q's dtype.
+    """q (B, H, Nq, d), k and v (B, H, Nk, d) or (B, Hk, Nk, d) with Hk dividing H (grouped-query
+    attention) -> (B, H, Nq, d), in q's dtype.
 
     rows: optional query indices; then only those rows are computed, (B, H, len(rows), d),
     each with its own place on the causal diagonal (every row is independent of the others).
     """
     scale = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale  # as the kernels
+    k, v = repeat_kv(q, k, v)
     nq = q.shape[-2]
     if rows is not None:
         q = q[:, :, rows]
@@ -37,9 +48,11 @@ def attention_reference(q, k, v, causal: bool = False, scale: float | None = Non
 
 
 def sdpa(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """torch's SDPA with our bottom-right causal alignment (an explicit mask when Nq != Nk)."""
+    """torch's SDPA with our bottom-right causal alignment (an explicit mask when Nq != Nk);
+    k and v may have fewer heads than q (grouped-query attention)."""
     import torch.nn.functional as F
 
+    k, v = repeat_kv(q, k, v)
     if causal and q.shape[-2] == 1:  # one query, the last position: it sees every key
         causal = False
     if causal and q.shape[-2] != k.shape[-2]:
@@ -60,6 +73,7 @@ def compare_to_sdpa(out, q, k, v, causal: bool = False, scale: float | None = No
     When B·H·Nq·Nk exceeds max_scores, a spread of query rows (first and last included) is
     checked instead of all of them, so that a long sequence needs no N×N float64 matrix.
     """
+    k, v = repeat_kv(q, k, v)
     B, H, nq, nk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
     rows = None
     if B * H * nq * nk > max_scores:

@@ -126,3 +126,36 @@ def test_threads_are_respected(ext):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+GQA_SHAPES = [  # (B, H, Hk, Nq, Nk, d)
+    (1, 4, 1, 33, 33, 16), (2, 6, 2, 17, 40, 8), (1, 6, 3, 1, 77, 32), (1, 8, 8, 20, 20, 5), (2, 4, 2, 9, 3, 64),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_grouped_query_attention(ext, variant, causal, shape):
+    """k, v with Hk heads: query head h reads kv head h // (H // Hk), as SDPA's enable_gqa."""
+    B, H, Hk, Nq, Nk, d = shape
+    g = torch.Generator().manual_seed(Nq * Nk)
+    q = torch.randn(B, H, Nq, d, generator=g)
+    cache = torch.randn(2, B, Hk, Nk + 5, d, generator=g)  # k, v as views into a longer cache
+    k, v = cache[0, :, :, :Nk], cache[1, :, :, :Nk]
+    out = ext.attention(q, k, v, variant=variant, causal=causal, enable_gqa=True)
+    assert compare_to_sdpa(out, q, k, v, causal)[0]
+    if not causal or Nq == Nk:  # SDPA's own flag (its causal mask is top-left aligned)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_errors(ext):
+    q, k, v = torch.randn(1, 6, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"^k must have shape \(B, Hk, Nk, d\) with Hk dividing H"):
+        ext.attention(q, k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"^k must have shape .*pass enable_gqa=True"):
+        ext.attention(q, k[:, :3], v[:, :3])
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        ext.attention(q, k[:, :3], v[:, :3], enable_gqa=1)
+    torch.library.opcheck(torch.ops.nanogpt.attention.default, (q, k[:, :3], v[:, :3], "flash", True, None, 0, 0, True))

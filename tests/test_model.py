@@ -1,4 +1,5 @@
-"""Tests of the model, KV cache, data preparation, training, checkpoints and sampling.
+"""Tests of the model, KV cache, data preparation and checkpoints (training and sampling from a
+trained model: tests/test_train.py).
 
 Fast: tiny random models and generated text. Only test_shipped_checkpoint reads the real text
 (../shared/data/tinyshakespeare.txt next to the repo, skipped if absent), and it quotes none of it.
@@ -7,7 +8,6 @@ Kernel variants come from nanogpt.VARIANTS and need the extension (the `ext` fix
 
 import importlib.util
 import json
-import math
 import os
 import random
 
@@ -150,7 +150,7 @@ def test_cached_generation_identical(attention):
 
 
 # -----------------------------------------------------------------------------
-# data, training, checkpoints, sampling on generated text
+# data and checkpoints on generated text
 
 def synthetic_text(n=6000, seed=0):
     """A repeated pattern with some noise: learnable well below the uniform loss."""
@@ -175,50 +175,6 @@ def test_prepare_offline(tmp_path):
     val = np.fromfile(out / "val.bin", dtype=np.uint16)
     assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
     assert "".join(chars[i] for i in np.concatenate([train, val])) == text
-
-
-def run_train(data_dir, out, *extra):
-    from nanogpt.train import main
-    args = ["--data-dir", str(data_dir), "--out", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-            "--block-size", "32", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "5",
-            "--eval-interval", "20", "--eval-iters", "2", "--threads", "1", "--no-progress", *extra]
-    return main(args)
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    src = tmp_path / "input.txt"
-    src.write_text(synthetic_text(), encoding="utf-8")
-    prepare_module().prepare(src.read_text(encoding="utf-8"), str(tmp_path / "data"))
-    return tmp_path / "data"
-
-
-def test_training_lowers_loss_and_resumes_exactly(tiny_data, tmp_path):
-    vocab_size = len(json.loads((tiny_data / "vocab.json").read_text()))
-    full = run_train(tiny_data, tmp_path / "a.pt", "--max-steps", "40")
-    print(full)
-    assert full["val_loss"] < 0.6 * math.log(vocab_size)  # uniform guessing is log(vocab)
-    # the shipped format: plain tensors/values only, loadable with weights_only
-    ck = torch.load(tmp_path / "a.pt", weights_only=True)
-    assert set(ck) >= {"model", "config", "vocab"} and "optimizer" not in ck
-    # stopping at step 20 and resuming reproduces the uninterrupted run exactly
-    run_train(tiny_data, tmp_path / "b.pt", "--max-steps", "40", "--stop-at", "20")
-    resumed = run_train(tiny_data, tmp_path / "b.pt", "--max-steps", "40", "--resume")
-    assert resumed["val_loss"] == full["val_loss"] and resumed["train_loss"] == full["train_loss"]
-    a = torch.load(tmp_path / "a.resume.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b.resume.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_sample_run_inference(tiny_data, tmp_path):
-    from nanogpt.sample import run_inference
-    run_train(tiny_data, tmp_path / "s.pt", "--max-steps", "20")
-    res = {kv: run_inference("manual", model="shakes128", samples=2, checkpoint=str(tmp_path / "s.pt"),
-                             kv_cache=kv, verbose=False) for kv in (True, False)}
-    assert res[True]["texts"] == res[False]["texts"]
-    assert len(res[True]["texts"]) == 2 and all(len(t) == 1 + 128 for t in res[True]["texts"])
-    assert res[True]["crops"] == 2 * (128 - 32)  # inputs of 1..128 tokens, block_size 32
-    assert 0 < res[True]["attention_share"] < 1 and res[True]["tokens_per_s"] > 0
 
 
 def test_load_checkpoint_errors(tmp_path):

@@ -7,38 +7,24 @@
 Causal masks align bottom-right: the Tq queries are the LAST Tq positions of the Tk keys, which
 is what a KV-cache decoding step (Tq=1, Tk=cached+1) needs.
 """
-import inspect
 import time
 
 import torch
 
 from nanogpt.reference import attention_reference, sdpa
 
-_kernel_gqa = None  # whether the installed nanogpt.attention takes enable_gqa (decided once)
-
 
 def attend(q, k, v, attention):
     """q (B, H, Tq, hs), k and v (B, Hk, Tk, hs) with Hk dividing H (grouped-query attention:
     query head h reads kv head h // (H/Hk), SDPA's enable_gqa semantics) -> (B, H, Tq, hs)."""
-    global _kernel_gqa
-    n_rep = q.size(1) // k.size(1)
-    if attention in ("torch", "manual"):
-        if n_rep > 1:  # reference paths: copy the shared heads, clear rather than fast
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if attention == "torch":
-            return sdpa(q, k, v, causal=True)  # SDPA, given the bottom-right mask when Tq != Tk
-        return attention_reference(q, k, v, causal=True)
+    if attention == "torch":
+        return sdpa(q, k, v, causal=True)  # SDPA, given the bottom-right mask when Tq != Tk
+    if attention == "manual":
+        return attention_reference(q, k, v, causal=True)  # plain torch ops: the course's path
     import nanogpt  # the compiled extension; imported here so "torch"/"manual" never need it
     # q may be a transposed view and k/v views into the cache: the kernel reads them in place
-    # (it only needs the last dim contiguous). Default scale is 1/sqrt(hs).
-    if n_rep == 1:
-        return nanogpt.attention(q, k, v, variant=attention, causal=True)
-    if _kernel_gqa is None:
-        _kernel_gqa = "enable_gqa" in inspect.signature(nanogpt.attention).parameters
-    if _kernel_gqa:  # the kernels index the shared kv head: no copy of the cache
-        return nanogpt.attention(q, k, v, variant=attention, causal=True, enable_gqa=True)
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # older build
-    return nanogpt.attention(q, k, v, variant=attention, causal=True)
+    # (it only needs the last dim contiguous), shared kv heads included. Default scale 1/sqrt(hs).
+    return nanogpt.attention(q, k, v, variant=attention, causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
 def check_attention(attention):

@@ -35,6 +35,18 @@ class GPTConfig:
     gelu: str = "none"          # GELU's approximation: "none" (exact erf) or "tanh" (GPT-2's)
 
 
+def check_dropout(attention, dropout, training):
+    """Raise ValueError for a model that would train with attention dropout it does not have.
+
+    Only SDPA ("torch") drops attention weights; "manual" and the kernels have no dropout, so a
+    training-mode model with attention dropout > 0 on them would silently differ from the model it
+    claims to be. In eval mode dropout is off anyway, so any attention serves.
+    """
+    if training and dropout > 0 and attention != "torch":
+        raise ValueError(f"attention {attention!r} has no dropout, but the model has dropout {dropout} and is "
+                         f"in training mode: train with attention 'torch', set dropout 0, or call .eval() first")
+
+
 # -----------------------------------------------------------------------------
 
 class KVCache(SharedKVCache):
@@ -84,7 +96,7 @@ class CausalSelfAttention(TimedAttention, nn.Module):
 
         if self.training and self.attn_dropout_p > 0:
             # only for training with dropout; SDPA applies it to the attention weights
-            assert self.attention == "torch", "attention dropout is only implemented for attention='torch'"
+            check_dropout(self.attention, self.attn_dropout_p, self.training)  # if set behind GPT's back
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout_p, is_causal=True)
         else:
             y = self.timed_attend(q, k, v)  # (B, nh, T, hs)
@@ -129,6 +141,7 @@ class GPT(AttentionChoice, nn.Module):
         assert config.vocab_size is not None
         assert config.block_size is not None
         check_attention(config.attention)  # once here, not on every attention call
+        check_dropout(config.attention, config.dropout, self.training)  # a new module is in training mode
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -169,6 +182,23 @@ class GPT(AttentionChoice, nn.Module):
 
     def new_kv_cache(self, batch_size):
         return KVCache(self.config, batch_size)
+
+    def set_attention(self, attention):
+        """Switch the attention op of every layer (e.g. train with "torch", sample with a kernel).
+        ValueError for an unknown name, or a model in training mode with attention dropout on
+        an attention that has none (check_dropout)."""
+        check_attention(attention)
+        check_dropout(attention, self._attn_dropout(), self.training)
+        super().set_attention(attention)
+
+    def _attn_dropout(self):
+        # the layers' own values: training may set them apart from config.dropout (train.py)
+        return max((block.attn.attn_dropout_p for block in self.transformer.h), default=0.0)
+
+    def train(self, mode=True):
+        """nn.Module.train, refusing training mode with attention dropout the attention lacks."""
+        check_dropout(self.config.attention, self._attn_dropout(), mode)
+        return super().train(mode)
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids. Without a cache they sit at positions 0..T-1; with one, at

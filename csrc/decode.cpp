@@ -1,0 +1,221 @@
+// flash's decode path: a few queries (a KV-cache step: Nq <= kDecodeRows) against many keys.
+// The tile path packs queries into vector lanes, so one query would fill 1 lane of 16; here
+// each query's scores are dot products vectorised over d (native-width vectors, reduced
+// kW keys at a time by a transpose-and-add tree), and P·V is vectorised over d too.
+//
+// Keys are split into fixed spans of kSplitKeys: work item (head, span) computes, for each of
+// the head's queries, the span's max m, sum l = Σ 2^(s - m) and unnormalised O = Σ 2^(s - m)·v;
+// the spans are then merged exactly (log-sum-exp). The span length depends on nothing but the
+// constant, so a query's result is the same for any thread count, batch or head count, and any
+// number of queries in the call that takes this path (the tile path, for more queries, rounds
+// differently within float32 error). K and V are read in place, any row stride.
+#include "attention.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace nanogpt {
+
+namespace {
+
+constexpr int64_t kDecodeRows = 8;    // queries per head up to which this path serves
+constexpr int64_t kSplitKeys = 512;   // keys per work item (scores of one span stay in L1)
+
+#ifdef __AVX512F__
+constexpr int kW = 16;  // floats per native vector
+#else
+constexpr int kW = 8;
+#endif
+typedef float vw __attribute__((vector_size(kW * sizeof(float))));
+
+inline vw wload(const float* p) {
+  vw v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void wstore(float* p, vw v) { std::memcpy(p, &v, sizeof v); }
+inline vw wload_part(const float* p, int n) {  // n < kW floats, the rest zero (no over-read)
+  vw v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+// out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
+// levels of pairwise shuffles instead of kW separate horizontal sums.
+inline vw lane_sums(vw* a) {
+#if defined(__AVX512F__)
+  for (int i = 0; i < 8; ++i) {  // 16 vectors → 8: lane pairs
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  // a[0] holds halves of the sums of vectors 0-7 (lanes 0-7 and 8-15), a[1] of vectors 8-15
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#else
+  for (int i = 0; i < 4; ++i) {  // 8 vectors → 4: lane pairs
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#endif
+}
+
+// s[j] = Σ_c q[c]·K[j, c] for j in [0, n): q is zero-padded to a multiple of kW, K rows have
+// stride ldk and d valid floats (the tail vector of a row is loaded partially: no over-read).
+void dot_keys(const float* q, const float* K, int64_t ldk, int d, float* s, int64_t n) {
+  const int full = d / kW * kW, rem = d - full;
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    vw acc[kW];
+    for (int r = 0; r < kW; ++r) {
+      const float* k = K + (j + r) * ldk;
+      vw a = {};
+      for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
+      if (rem) a += wload_part(k + full, rem) * wload(q + full);
+      acc[r] = a;
+    }
+    wstore(s + j, lane_sums(acc));
+  }
+  for (; j < n; ++j) {  // the last n % kW keys, one horizontal sum each
+    const float* k = K + j * ldk;
+    vw a = {};
+    for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
+    if (rem) a += wload_part(k + full, rem) * wload(q + full);
+    float t = 0.f;
+    for (int i = 0; i < kW; ++i) t += a[i];
+    s[j] = t;
+  }
+}
+
+// o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers.
+template <int NV>
+void pv_slice(const float* p, const float* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
+  vw acc[NV] = {};
+  const bool tail = c0 + NV * kW > d;  // the last vector is partial: load it without over-read
+  const int rem = d - (c0 + (NV - 1) * kW);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = V + j * ldv + c0;
+    const vw pj = vw{} + p[j];
+    for (int i = 0; i < NV - 1; ++i) acc[i] += pj * wload(v + i * kW);
+    acc[NV - 1] += pj * (tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
+  }
+  for (int i = 0; i < NV; ++i) {
+    const int n_out = std::min(kW, d - (c0 + i * kW));
+    std::memcpy(o + c0 + i * kW, &acc[i], n_out * sizeof(float));
+  }
+}
+
+void pv(const float* p, const float* V, int64_t ldv, int64_t n, int d, float* o) {
+  constexpr int kMaxNV = 8;  // 8 accumulators + operands fit 16 ymm registers
+  for (int c0 = 0; c0 < d; c0 += kMaxNV * kW) {
+    switch (std::min<int>(kMaxNV, (d - c0 + kW - 1) / kW)) {
+      case 1: pv_slice<1>(p, V, ldv, n, c0, d, o); break;
+      case 2: pv_slice<2>(p, V, ldv, n, c0, d, o); break;
+      case 3: pv_slice<3>(p, V, ldv, n, c0, d, o); break;
+      case 4: pv_slice<4>(p, V, ldv, n, c0, d, o); break;
+      case 5: pv_slice<5>(p, V, ldv, n, c0, d, o); break;
+      case 6: pv_slice<6>(p, V, ldv, n, c0, d, o); break;
+      case 7: pv_slice<7>(p, V, ldv, n, c0, d, o); break;
+      default: pv_slice<8>(p, V, ldv, n, c0, d, o); break;
+    }
+  }
+}
+
+}  // namespace
+
+const char* flash_path(int64_t Nq, int64_t br, int64_t bc) {
+  return Nq <= kDecodeRows && br == 0 && bc == 0 ? "decode" : "tiles";
+}
+
+void flash_decode(const Problem& p) {
+  const int d = int(p.d), dq = int(round_up(p.d, kW));
+  const int64_t BH = p.B * p.H, spans = (p.Nk + kSplitKeys - 1) / kSplitKeys, nq = p.Nq;
+  // Per (head, span, query): the span's max, sum and unnormalised output (d floats).
+  const int64_t part = d + 2;
+  at::Tensor parts_t = at::empty({BH, spans, nq, part}, at::kFloat);
+  float* parts = parts_t.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  at::Tensor scratch_t = at::zeros({threads, nq * dq + kSplitKeys}, at::kFloat);  // padded queries, scores
+  float* scratch = scratch_t.data_ptr<float>();
+  const float qscale = p.scale * kLog2e;  // exp2 below, as the tile path
+
+  parallel_items(BH * spans, threads, 2 * nq * kSplitKeys * p.d, [&](int64_t t, int64_t slot) {
+    const int64_t bh = t / spans, span = t % spans, b = bh / p.H, h = bh % p.H;
+    const int64_t j0 = span * kSplitKeys, j1 = std::min(p.Nk, j0 + kSplitKeys);
+    float* qpad = scratch + slot * (nq * dq + kSplitKeys);
+    float* s = qpad + nq * dq;
+    for (int64_t i = 0; i < nq; ++i) {
+      float* out = parts + ((bh * spans + span) * nq + i) * part;  // m, l, O[0:d]
+      const int64_t end = std::min(j1, p.key_end(i));              // keys [j0, end) visible
+      if (end <= j0) {
+        out[0] = kNegInf, out[1] = 0.f;
+        continue;
+      }
+      const float* q = p.q.row(b, h, i);
+      float* qi = qpad + i * dq;  // zero padding past d stays from at::zeros
+      for (int c = 0; c < d; ++c) qi[c] = q[c] * qscale;
+      const int64_t n = end - j0;
+      dot_keys(qi, p.k.row(b, h, j0), p.k.sn, d, s, n);
+      float m = kNegInf;
+      for (int64_t j = 0; j < n; ++j) m = smax(s[j], m);
+      if (m == kNegInf) {  // only -inf scores: nothing seen here
+        out[0] = kNegInf, out[1] = 0.f;
+        continue;
+      }
+      vf vs = {};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        const vf e = vexp2(vload(s + j) - m);
+        vstore(s + j, e);
+        vs += e;
+      }
+      float l = hsum(vs);
+      for (; j < n; ++j) {
+        s[j] = s[j] - m < -125.f ? 0.f : std::exp2(s[j] - m);
+        l += s[j];
+      }
+      out[0] = m, out[1] = l;
+      pv(s, p.v.row(b, h, j0), p.v.sn, n, d, out + 2);
+    }
+  });
+
+  // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
+  at::parallel_for(0, BH * nq, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bh = r / nq, i = r % nq;
+      const float* first = parts + (bh * spans * nq + i) * part;
+      float m = kNegInf;
+      for (int64_t sp = 0; sp < spans; ++sp) m = smax(first[sp * nq * part], m);
+      float* o = p.o.row(bh / p.H, bh % p.H, i);
+      std::fill(o, o + d, 0.f);
+      if (m == kNegInf) continue;  // saw no key: a zero row, as SDPA gives
+      float l = 0.f;
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        const float* ps = first + sp * nq * part;
+        if (ps[0] == kNegInf) continue;
+        const float w = std::exp2(ps[0] - m);  // NaN max: NaN weight, a NaN row as in the tile path
+        l += w * ps[1];
+        for (int c = 0; c < d; ++c) o[c] += w * ps[2 + c];
+      }
+      const float inv = 1.f / l;
+      for (int c = 0; c < d; ++c) o[c] *= inv;
+    }
+  });
+}
+
+}  // namespace nanogpt
