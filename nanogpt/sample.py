@@ -66,6 +66,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     out[:, :T0] = idx
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long) if stop_ids else None
     stopped = torch.zeros(B, dtype=torch.bool)
+    stop_set = set(stop_ids)
     cache = model.new_kv_cache(B) if kv_cache else None
     n_crops, t = 0, T0  # t: tokens so far
     for _ in range(max_new_tokens):
@@ -82,7 +83,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
         out[:, t:t + 1] = nxt
         t += 1
-        if stop is not None:
+        if B == 1:  # the usual case: one Python int, no tensor ops
+            if stop_set and nxt.item() in stop_set:
+                break
+        elif stop is not None:
             stopped |= torch.isin(nxt[:, 0], stop)
             if bool(stopped.all()):
                 break

@@ -218,7 +218,7 @@ def write_model(model: Llama, path, version=1, group_size=64):
             f.write(header + b"\0" * (HEADER_V1 - len(header)))
         else:
             raise ValueError(f"version must be 0, 1 or 2, got {version!r}")
-        tables = [model.freqs.real, model.freqs.imag]  # v0's unused RoPE tables: cos, then sin
+        tables = [model.freqs[:, 0].real, model.freqs[:, 0].imag]  # v0's unused RoPE tables: cos, then sin
         for i, (name, shape) in enumerate(_layout(c, version)):
             if name is None:
                 f.write(tables.pop(0).float().contiguous().numpy().tobytes())

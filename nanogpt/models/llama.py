@@ -64,20 +64,22 @@ class LlamaConfig:
 
 
 def rope_table(head_size, max_seq_len, theta=10000.0):
-    """(max_seq_len, head_size/2) complex64: e^{i·pos·θ_j}, θ_j = theta^(-2j/head_size).
+    """(max_seq_len, 1, head_size/2) complex64: e^{i·pos·θ_j}, θ_j = theta^(-2j/head_size); the
+    1 broadcasts over the heads.
 
     The angle pos·θ_j is formed in float32 as run.c (and transformers) form it, then cos/sin are
     taken in float64 and rounded: the table matches theirs to float rounding at every position."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
     angle = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # float32
-    return torch.polar(torch.ones_like(angle, dtype=torch.float64), angle.double()).to(torch.complex64)
+    table = torch.polar(torch.ones_like(angle, dtype=torch.float64), angle.double()).to(torch.complex64)
+    return table[:, None, :]
 
 
 def apply_rope(x, freqs):
-    """x (B, T, nh, hs) real, freqs (T, hs/2) complex -> (B, T, nh, hs): each adjacent pair
-    (x[2j], x[2j+1]), read as the complex number x[2j] + i·x[2j+1], times freqs[t, j]."""
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (B, T, nh, hs/2), a view of x
-    return torch.view_as_real(xc * freqs[:, None, :]).flatten(-2)
+    """x (B, T, nh, hs/2, 2) real, freqs (T, 1, hs/2) complex -> (B, T, nh, hs/2, 2): each
+    adjacent pair (x[2j], x[2j+1]) of a head, read as the complex number x[2j] + i·x[2j+1],
+    times freqs[t, 0, j]."""
+    return torch.view_as_real(torch.view_as_complex(x) * freqs)
 
 
 class RMSNorm(nn.Module):
@@ -106,7 +108,8 @@ class Attention(TimedAttention, nn.Module):
         B, T, _ = x.shape
         H, Hk, hs = self.n_heads, self.n_kv_heads, self.head_size
         qkv = F.linear(x, self.wqkv.weight)  # (B, T, (H + 2Hk)·hs)
-        qk = apply_rope(qkv[..., :(H + Hk) * hs].view(B, T, H + Hk, hs), freqs)  # q and k heads rotated at once
+        qk = apply_rope(qkv[..., :(H + Hk) * hs].view(B, T, H + Hk, hs // 2, 2), freqs)  # q and k heads at once
+        qk = qk.view(B, T, H + Hk, hs)  # the fresh (contiguous) output of the rotation
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hs)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hk, T, hs)
         v = qkv[..., (H + Hk) * hs:].view(B, T, Hk, hs).transpose(1, 2)  # (B, Hk, T, hs)
@@ -183,7 +186,7 @@ class Llama(AttentionChoice, nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"cannot forward positions {start}..{start + T - 1}: max_seq_len is {self.config.max_seq_len}")
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        freqs = self.freqs[start:start + T]  # (T, hs/2)
+        freqs = self.freqs[start:start + T]  # (T, 1, hs/2)
         for layer in self.layers:
             x = layer(x, freqs, kv_cache)
         if kv_cache is not None:
