@@ -3,6 +3,8 @@
     python gpt.py part4                       flash vs SDPA at B1 H4 N1024 d32: match, time, memory
     python gpt.py part2 -N 512 --causal       any part, any shape
     python gpt.py part4 --inference -m shakes256   generate Shakespeare with the flash kernel
+    python gpt.py part4 --inference -m model.bin --tokenizer tokenizer.bin --temperature 0 --prompt "Once"
+                                              a llama2.c model (or a Hugging Face GPT-2 / Llama directory)
     python gpt.py bench [--json bench.json]   every variant × default shapes, interleaved with SDPA
     python gpt.py sweep -N 2048               flash over a Br×Bc grid, with a heat map
     python gpt.py train --help                train a model (nanogpt/train.py)
@@ -23,7 +25,8 @@ from nanogpt.sample import MODELS
 FIXED = ("bench", "sweep", "tune", "train")  # the commands that are not parts
 SHAPE = {"N": 1024, "B": 1, "H": 4, "d": 32}  # the parts' default shape (the course's)
 INFERENCE = {"model": "shakes128", "samples": 10, "temperature": 0.8, "top_k": 200, "seed": 1337,
-             "prompt": "\n", "no_kv_cache": False, "corpus": None}  # defaults of the inference options
+             "prompt": "\n", "no_kv_cache": False, "corpus": None, "tokenizer": None, "max_new_tokens": None,
+             "top_p": None}  # defaults of the inference options
 
 
 def part_names():
@@ -65,11 +68,18 @@ def add_part(sub, name, variant, help_text):
     g.add_argument("--repeat", type=positive, default=None, help="timed repetitions, median kept (default 9)")
     inf = p.add_argument_group("inference (with --inference only)")
     inf.add_argument("--inference", action="store_true", help="generate text with the model on this part's attention")
-    inf.add_argument("-m", "--model", default=None, choices=sorted(MODELS, key=MODELS.get),
-                     help="characters to generate per sample (one 2048-context checkpoint serves all; default shakes128)")
+    inf.add_argument("-m", "--model", default=None, metavar="MODEL",
+                     help=f"one of {', '.join(sorted(MODELS, key=MODELS.get))} (the character checkpoint, N characters "
+                          "per sample; default shakes128), or a path: a nanogpt checkpoint (.pt), a llama2.c model.bin "
+                          "(v0, v1, v2) or a Hugging Face GPT-2 / Llama directory")
+    inf.add_argument("--tokenizer", default=None, help="the model's tokenizer.bin / tokenizer.json if not beside it")
+    inf.add_argument("--max-new-tokens", type=positive, default=None,
+                     help="tokens per sample (default: N for shakesN, else 256)")
     inf.add_argument("--samples", type=positive, default=None, help="samples to generate (default 10)")
-    inf.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8)")
-    inf.add_argument("--top-k", type=positive, default=None, help="sample from the k most likely characters (default 200)")
+    inf.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0 = greedy argmax (default 0.8)")
+    inf.add_argument("--top-k", type=positive, default=None, help="sample from the k most likely tokens (default 200)")
+    inf.add_argument("--top-p", type=float, default=None,
+                     help="sample from the most likely tokens holding probability p (nucleus; default off)")
     inf.add_argument("--seed", type=int, default=None, help="random seed (default 1337)")
     inf.add_argument("--prompt", default=None, help="text to start from (default: a newline)")
     inf.add_argument("--no-kv-cache", action="store_true", default=None,
@@ -231,9 +241,14 @@ def main(argv=None) -> int:
 
         if args.no_kv_cache:
             announce_duration(args)
-        run_inference(args.variant, model=args.model, samples=args.samples, temperature=args.temperature,
-                      top_k=args.top_k, seed=args.seed, prompt=args.prompt, kv_cache=not args.no_kv_cache,
-                      corpus=args.corpus)
+        try:
+            run_inference(args.variant, model=args.model, samples=args.samples, temperature=args.temperature,
+                          top_k=args.top_k, seed=args.seed, prompt=args.prompt, kv_cache=not args.no_kv_cache,
+                          corpus=args.corpus, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
+                          top_p=args.top_p)
+        except (ValueError, FileNotFoundError) as e:  # a bad model file, tokenizer or prompt: the message names it
+            print(f"gpt.py: error: {e}", file=sys.stderr)
+            return 2
         return 0
     ok = bench.part(args.variant, args.B, args.H, args.N, args.d, args.causal, getattr(args, "br", None),
                     getattr(args, "bc", None), repeat=args.repeat)
@@ -249,6 +264,8 @@ def announce_duration(args) -> None:
     from nanogpt.formats.checkpoint import load_checkpoint, shipped_checkpoint
     from nanogpt.host import format_duration, quadratic_total
 
+    if args.model not in MODELS:  # a model file or directory: no estimate
+        return
     model, vocab, _ = load_checkpoint(shipped_checkpoint(), attention=args.variant)
     block, t0 = model.config.block_size, len(args.prompt)
     lengths = [min(t0 + t, block) for t in range(MODELS[args.model])] * args.samples

@@ -235,3 +235,70 @@ def sweep(B=1, H=4, N=1024, d=32, causal=False, brs=(16, 32, 64, 128, 192, 256),
         fig.savefig(png, dpi=100)
         print(f"heat map: {png}")
     return {"best": best, "best_ms": t[best] * 1e3, "times": {str(k): v for k, v in t.items()}}
+
+
+# -----------------------------------------------------------------------------
+# decoding real model shapes (random weights): ms/token of greedy generation with the KV cache
+
+def decode(variant="flash", threads=None, llama_tokens=255, gpt2_tokens=1023, hf=True, repeat=3) -> dict:
+    """Greedy decoding, one prompt token then N new ones with the KV cache, through
+    nanogpt.sample.generate (the path `gpt.py partN --inference` takes), median of `repeat` runs:
+
+      stories15M shape: Llama dim 288, 6 layers, 6 heads, vocab 32000, context 256 (as run.c -n 256)
+      GPT-2 124M shape: 768 wide, 12 layers, 12 heads, vocab 50257, context 1024 (1023 new tokens)
+
+    and, if transformers is installed, its generate() on the same GPT-2 weights (ratio printed).
+    Returns {name: ms per token}.
+    """
+    from nanogpt.formats import hf as hf_format
+    from nanogpt.models.gpt import GPT
+    from nanogpt.models.llama import Llama, LlamaConfig
+    from nanogpt.sample import generate
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    llama = Llama(LlamaConfig(attention=variant)).eval()
+    ref = gpt2 = None
+    try:
+        import transformers
+
+        ref = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+        ref.generation_config.eos_token_id = None  # always the full number of tokens
+        config, state = hf_format.gpt2_state("random GPT-2", ref.config.to_dict(), ref.state_dict())
+    except ImportError:
+        from nanogpt.models.gpt import GPTConfig
+
+        config, state = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, gelu="tanh"), None
+    gpt2 = GPT(config)
+    if state is not None:
+        gpt2.load_state_dict(state)
+    gpt2.set_attention(variant)
+    gpt2.eval()
+
+    runs = {f"stories15M-shape Llama, {llama_tokens} tokens": lambda: generate(llama, prompt, llama_tokens, temperature=0),
+            f"GPT-2-124M-shape, {gpt2_tokens} tokens": lambda: generate(gpt2, prompt, gpt2_tokens, temperature=0)}
+    if hf and ref is not None:
+        def transformers_generate():
+            with torch.inference_mode():
+                ref.generate(prompt, max_new_tokens=gpt2_tokens, do_sample=False, pad_token_id=0)
+        runs[f"transformers GPT-2 generate, {gpt2_tokens} tokens"] = transformers_generate
+    tokens = {name: llama_tokens if "Llama" in name else gpt2_tokens for name in runs}
+    print(format_info())
+    print(f"greedy decoding with the KV cache, attention {variant!r}, {torch.get_num_threads()} threads, "
+          f"median of {repeat}")
+    ms = {}
+    for name, fn in runs.items():
+        fn()  # warm-up: allocation, first-call dispatch
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        ms[name] = 1e3 * statistics.median(times) / tokens[name]
+        print(f"  {name:<48} {ms[name]:7.2f} ms/token  {1e3 / ms[name]:8.1f} tokens/s")
+    names = list(ms)
+    if len(names) == 3:
+        print(f"  nanogpt GPT-2 vs transformers: {ms[names[2]] / ms[names[1]]:.2f}x faster")
+    return ms

@@ -1,13 +1,19 @@
 """
-Sample from the trained character-level GPT with a chosen attention implementation, and time it
-(after nanoGPT's sample.py and the course's `gpt.py part0..3 -m shakesN`).
+Generation and sampling shared by every model (the character GPT, GPT-2, Llama), and the
+inference command (after nanoGPT's sample.py and the course's `gpt.py part0..3 -m shakesN`).
 
   python gpt.py part0 --inference -m shakes256            # attention "manual"
   python gpt.py part4 --inference -m shakes2048 --no-kv-cache
+  python gpt.py part4 --inference -m model.bin --tokenizer tokenizer.bin --temperature 0 \\
+      --prompt "Once upon a time" --max-new-tokens 50      # a llama2.c model, greedy
 
-Every model name uses the one 2048-context checkpoint; the number is how many characters each
-sample generates. With the KV cache (default) the prompt is run once, then every new character is
-one query attending to all cached keys (Nq=1, Nk=T).
+A shakesN name uses the one 2048-context character checkpoint and generates N characters; a
+path is any format nanogpt.formats.load recognises. With the KV cache (default) the prompt is
+run once, then every new token is one query attending to all cached keys (Nq=1, Nk=T).
+
+A model for generate() is an nn.Module with forward(idx, kv_cache=None) -> (logits (B, 1, V)
+of the last position, loss), a context_length, and new_kv_cache(batch_size) returning a cache
+with .length and .reset().
 """
 
 import os
@@ -15,65 +21,157 @@ import re
 import time
 
 import torch
+from torch.nn import functional as F
 
-from nanogpt.formats.checkpoint import load_checkpoint, shipped_checkpoint
+from nanogpt.formats.checkpoint import shipped_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CHECKPOINT = os.path.join(REPO, "checkpoints", "shakes2048.pt")
 MODELS = {"shakes128": 128, "shakes256": 256, "shakes1024": 1024, "shakes2048": 2048}  # name -> new characters
 SEPARATOR = "-" * 40
 
 
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next tokens (B, 1). temperature 0 is greedy (argmax, the first maximum on
+    ties); otherwise softmax(logits / temperature) restricted to the top_k most likely tokens
+    and to the smallest set of them whose probability reaches top_p, then ONE torch.multinomial
+    draw from `generator` (so runs with the same seed draw the same tokens)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        v, _ = torch.topk(logits, top_k)
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        p, order = probs.sort(dim=-1, descending=True)
+        p[(p.cumsum(dim=-1) - p) >= top_p] = 0.0  # the mass before a token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             kv_cache=True, stop_ids=()):
+    """Sample up to max_new_tokens after idx (B, T); returns (tokens (B, T + n), n_crops).
+
+    Stops early once every row has produced one of stop_ids (that token is kept; the caller
+    cuts each row there). Context cropping (as nanoGPT): a sequence longer than the model's
+    context_length is cut to its last context_length tokens. Positions restart at 0 after a crop
+    (absolute embeddings, or RoPE's tables), so the cached keys/values are stale: with the cache
+    we drop it and re-prefill the cropped window, and since the window then slides by one each
+    step, every step past the context is a full re-prefill. n_crops counts the steps that cropped.
+    """
+    B, T0 = idx.shape
+    block = model.context_length
+    out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long)  # written in place, no torch.cat
+    out[:, :T0] = idx
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long) if stop_ids else None
+    stopped = torch.zeros(B, dtype=torch.bool)
+    stop_set = set(stop_ids)
+    cache = model.new_kv_cache(B) if kv_cache else None
+    n_crops, t = 0, T0  # t: tokens so far
+    for _ in range(max_new_tokens):
+        cropped = t > block
+        n_crops += cropped
+        window = out[:, max(0, t - block):t]
+        if cache is None:
+            logits, _ = model(window)
+        elif cropped or cache.length == 0:
+            cache.reset()  # prefill (the prompt, or the cropped window at positions 0..)
+            logits, _ = model(window, kv_cache=cache)
+        else:
+            logits, _ = model(out[:, cache.length:t], kv_cache=cache)  # the new token(s) only
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        out[:, t:t + 1] = nxt
+        t += 1
+        if B == 1:  # the usual case: one Python int, no tensor ops
+            if stop_set and nxt.item() in stop_set:
+                break
+        elif stop is not None:
+            stopped |= torch.isin(nxt[:, 0], stop)
+            if bool(stopped.all()):
+                break
+    return out[:, :t], n_crops
+
+
+def cut_at_stop(ids, start, stop_ids):
+    """ids (list) up to (not including) the first stop token at or after index start."""
+    for i in range(start, len(ids)):
+        if ids[i] in stop_ids:
+            return ids[:i]
+    return ids
+
+
+def load_model(model, attention, checkpoint=None, tokenizer=None):
+    """(model, tokenizer, new tokens per sample or None) for a shakesN name or a path."""
+    from nanogpt import formats
+
+    if model in MODELS:
+        net, tok = formats.load(checkpoint or shipped_checkpoint(), tokenizer=tokenizer, attention=attention)
+        return net, tok, MODELS[model]
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"model {model!r} is neither one of {sorted(MODELS)} nor an existing path")
+    net, tok = formats.load(model, tokenizer=tokenizer, attention=attention)
+    return net, tok, None
+
+
 def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top_k=200, seed=1337,
-                  prompt="\n", kv_cache=True, checkpoint=None, threads=None, verbose=True, corpus=None):
-    """Generate `samples` texts of MODELS[model] characters each after `prompt`; print them and a
-    timing line; return a dict of the numbers (and the texts).
+                  prompt="\n", kv_cache=True, checkpoint=None, threads=None, verbose=True, corpus=None,
+                  tokenizer=None, max_new_tokens=None, top_p=None):
+    """Generate `samples` texts after `prompt`; print each (the prompt followed by the generated
+    text) and a timing line; return a dict of the numbers (and the texts).
 
     attention: "torch", "manual" (the course's part0) or a name in nanogpt.VARIANTS.
+    model: a shakesN name (the character checkpoint, N new characters; `checkpoint` overrides its
+    path) or a path to a model file or directory; tokenizer: its tokenizer file, if not beside it.
+    max_new_tokens: tokens per sample (default: N for shakesN, else 256). A sample ends early at
+    the tokenizer's stop token (llama2.c: BOS; Hugging Face: the config's eos_token_id).
     corpus: optional path of a text; then the share of generated words that are words of it
     is printed and returned (does the model write the play's words?).
     Sampling draws from one torch.Generator seeded once with `seed`, so the texts are the same with
     and without kv_cache, and for every attention choice up to float rounding.
     """
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}: expected one of {sorted(MODELS)}")
     if threads:
         torch.set_num_threads(threads)
-    path = checkpoint or shipped_checkpoint()
-    gpt, vocab, _ = load_checkpoint(path, attention=attention)
-    stoi = {ch: i for i, ch in enumerate(vocab)}
-    unknown = sorted(set(prompt) - set(stoi))
-    if unknown:
-        raise ValueError(f"prompt has characters not in the vocabulary of {path}: {unknown!r}")
-    if not prompt:
-        raise ValueError("prompt must hold at least one character")
-    max_new = MODELS[model]
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    net, tok, default_new = load_model(model, attention, checkpoint, tokenizer)
+    max_new = max_new_tokens if max_new_tokens is not None else (default_new or 256)
+    if max_new < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("prompt must hold at least one token")
 
     generator = torch.Generator().manual_seed(seed)
-    x = torch.tensor([[stoi[c] for c in prompt]], dtype=torch.long)  # (1, T0)
-    texts, n_crops, total_s = [], 0, 0.0
-    gpt.set_attention_timing(True)
+    x = torch.tensor([ids], dtype=torch.long)  # (1, T0)
+    texts, n_crops, total_s, tokens = [], 0, 0.0, 0
+    net.set_attention_timing(True)
     for _ in range(samples):
         t0 = time.perf_counter()
-        y, crops = gpt.generate(x, max_new, temperature=temperature, top_k=top_k, generator=generator,
-                                kv_cache=kv_cache)
+        y, crops = generate(net, x, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator, kv_cache=kv_cache, stop_ids=tok.stop_ids)
         total_s += time.perf_counter() - t0
+        tokens += y.size(1) - x.size(1)
         n_crops += crops
-        text = "".join(vocab[i] for i in y[0].tolist())
+        text = tok.decode(cut_at_stop(y[0].tolist(), x.size(1), tok.stop_ids))
         texts.append(text)
         if verbose:
             print(text)
             print(SEPARATOR)
-    attn_s = gpt.attention_seconds()
-    gpt.set_attention_timing(False)
+    attn_s = net.attention_seconds()
+    net.set_attention_timing(False)
 
-    tokens = samples * max_new
-    block = gpt.config.block_size
+    block = net.context_length
     if n_crops:
         cropping = (f"context cropped on {n_crops} steps to the last {block} tokens"
                     + (" (KV cache dropped and the window re-prefilled on each)" if kv_cache else ""))
     else:
-        cropping = f"no cropping (prompt + {max_new} new tokens fit block_size {block})"
+        cropping = f"no cropping (prompt + {max_new} new tokens fit the context {block})"
+    name = model if model in MODELS else os.path.basename(os.path.normpath(model))
     result = {
         "attention": attention, "model": model, "kv_cache": kv_cache, "samples": samples,
         "tokens": tokens, "seconds": total_s,
@@ -90,7 +188,7 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
             hits, n = result["corpus_words"]
             print(f"{hits} of {n} generated words ({100 * hits / max(n, 1):.1f}%) are words of {corpus}")
     if verbose:
-        print(f"[{attention}, {model}, kv_cache={'on' if kv_cache else 'off'}, {torch.get_num_threads()} threads] "
+        print(f"[{attention}, {name}, kv_cache={'on' if kv_cache else 'off'}, {torch.get_num_threads()} threads] "
               f"{tokens} tokens in {total_s:.2f}s: {result['tokens_per_s']:.1f} tokens/s, "
               f"{result['ms_per_token']:.2f} ms/token, attention {100 * result['attention_share']:.1f}% of the time; "
               f"{cropping}")

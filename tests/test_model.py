@@ -17,6 +17,7 @@ import torch
 
 from nanogpt.formats.checkpoint import checkpoint_dict, load_checkpoint
 from nanogpt.models.gpt import GPT, GPTConfig, KVCache
+from nanogpt.sample import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -137,14 +138,14 @@ def test_cached_generation_identical(attention):
     out = {}
     for kv in (False, True):
         g = torch.Generator().manual_seed(1337)
-        out[kv] = model.generate(prompt, 30, temperature=1.0, top_k=8, generator=g, kv_cache=kv)
+        out[kv] = generate(model, prompt, 30, temperature=1.0, top_k=8, generator=g, kv_cache=kv)
     (no_cache, crops0), (cache, crops1) = out[False], out[True]
     assert no_cache.shape == (2, 33)
     assert crops0 == crops1 == (3 + 30 - 1) - 24  # steps whose input (3..32 tokens) exceeded block_size
     assert torch.equal(no_cache, cache)
     if attention != "torch":  # and the same tokens as the reference attention
         g = torch.Generator().manual_seed(1337)
-        ref, _ = tiny_model("torch", block_size=24).generate(prompt, 30, temperature=1.0, top_k=8, generator=g)
+        ref, _ = generate(tiny_model("torch", block_size=24), prompt, 30, temperature=1.0, top_k=8, generator=g)
         assert torch.equal(ref, cache)
 
 

@@ -1,25 +1,25 @@
 """
 A character-level GPT in one file, after nanoGPT's model.py.
 
-The attention op is pluggable (GPTConfig.attention):
-  "torch"    F.scaled_dot_product_attention; the only choice with a backward, so training uses it.
-  "manual"   plain torch ops, softmax(QK^T / sqrt(hs) + causal mask) V (the course's reference path).
-  any name in nanogpt.VARIANTS: the C++/ISPC kernel's output is what the model uses.
+The attention op is pluggable (GPTConfig.attention, see nanogpt/models/attend.py): "torch" (SDPA,
+the only one with a backward, so training uses it), "manual" (plain torch ops) or a kernel of
+nanogpt.VARIANTS. GPT-2's weights load into it too (nanogpt/formats/hf.py; gelu="tanh").
 
 Inference can use a KV cache (KVCache below): the prompt is run once (prefill), then each new
 token is ONE query attending to all cached keys (Nq=1, Nk=T) with causal=True; the extension
-aligns the causal mask bottom-right, so query i sees keys j <= i + (Nk - Nq).
+aligns the causal mask bottom-right, so query i sees keys j <= i + (Nk - Nq). Generation and
+sampling, shared with the other models, live in nanogpt/sample.py.
 """
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.reference import attention_reference, sdpa
+from nanogpt.models.attend import AttentionChoice, TimedAttention, check_attention
+from nanogpt.models.attend import KVCache as SharedKVCache
 
 
 @dataclass
@@ -32,31 +32,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True           # bias in Linears and LayerNorms, like GPT-2
     attention: str = "torch"    # "torch", "manual" or a name in nanogpt.VARIANTS
-
-
-# -----------------------------------------------------------------------------
-# attention: q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) with Tq <= Tk; the Tq queries are the
-# LAST Tq positions of the Tk keys, so the causal mask is aligned bottom-right.
-
-def attend(q, k, v, attention):
-    """Causal attention with the chosen implementation; returns (B, nh, Tq, hs)."""
-    if attention == "torch":
-        return sdpa(q, k, v, causal=True)  # SDPA, given the bottom-right mask when Tq != Tk
-    if attention == "manual":
-        return attention_reference(q, k, v, causal=True)  # plain torch ops: the course's path
-    import nanogpt  # the compiled extension; imported here so "torch"/"manual" never need it
-    # q is a transposed view and k/v may be views into the cache: the kernel reads them in place
-    # (it only needs the last dim contiguous). Default scale is 1/sqrt(hs).
-    return nanogpt.attention(q, k, v, variant=attention, causal=True)
-
-
-def check_attention(attention):
-    """Raise ValueError unless attention is "torch", "manual" or a name in nanogpt.VARIANTS."""
-    if attention in ("torch", "manual"):
-        return
-    import nanogpt
-    if attention not in nanogpt.VARIANTS:  # reading VARIANTS builds or loads the extension
-        raise ValueError(f"unknown attention {attention!r}: expected 'torch', 'manual' or one of {nanogpt.VARIANTS}")
+    gelu: str = "none"          # GELU's approximation: "none" (exact erf) or "tanh" (GPT-2's)
 
 
 def check_dropout(attention, dropout, training):
@@ -73,31 +49,13 @@ def check_dropout(attention, dropout, training):
 
 # -----------------------------------------------------------------------------
 
-class KVCache:
-    """Per-layer keys and values of the tokens seen so far, preallocated to block_size.
-
-    k[l], v[l] are (B, nh, block_size, hs); the first `length` positions are filled, and
-    keys(l) / values(l) return views (B, nh, length, hs) (last dim contiguous, no copy).
-    """
+class KVCache(SharedKVCache):
+    """The shared KV cache (nanogpt/models/attend.py) shaped for a GPTConfig: k[l], v[l] are
+    (B, nh, block_size, hs)."""
 
     def __init__(self, config, batch_size, device=None, dtype=torch.float32):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # number of cached positions = absolute position of the next token
-
-    def reset(self):
-        self.length = 0
-
-    def append(self, layer, k, v):
-        # k, v (B, nh, T, hs) of the new tokens at positions length .. length+T-1; returns the
-        # views of all keys/values (B, nh, length+T, hs). `length` itself advances in GPT.forward.
-        T = k.size(2)
-        end = self.length + T
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        super().__init__(config.n_layer, batch_size, config.n_head, config.block_size,
+                         config.n_embd // config.n_head, device=device, dtype=dtype)
 
 
 class LayerNorm(nn.Module):
@@ -112,7 +70,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(TimedAttention, nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -125,9 +83,6 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.attention = config.attention
         self.layer_idx = layer_idx
-        # when timing is on, the seconds spent in the attention op itself (not the projections)
-        self.timing = False
-        self.attn_seconds = 0.0
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, new tokens, n_embd
@@ -143,12 +98,8 @@ class CausalSelfAttention(nn.Module):
             # only for training with dropout; SDPA applies it to the attention weights
             check_dropout(self.attention, self.attn_dropout_p, self.training)  # if set behind GPT's back
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout_p, is_causal=True)
-        elif self.timing:
-            t0 = time.perf_counter()
-            y = attend(q, k, v, self.attention)
-            self.attn_seconds += time.perf_counter() - t0
         else:
-            y = attend(q, k, v, self.attention)  # (B, nh, T, hs)
+            y = self.timed_attend(q, k, v)  # (B, nh, T, hs)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -159,7 +110,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -183,7 +134,7 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class GPT(AttentionChoice, nn.Module):
 
     def __init__(self, config):
         super().__init__()
@@ -225,15 +176,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def context_length(self):
+        return self.config.block_size
+
+    def new_kv_cache(self, batch_size):
+        return KVCache(self.config, batch_size)
+
     def set_attention(self, attention):
         """Switch the attention op of every layer (e.g. train with "torch", sample with a kernel).
         ValueError for an unknown name, or a model in training mode with attention dropout on
         an attention that has none (check_dropout)."""
         check_attention(attention)
         check_dropout(attention, self._attn_dropout(), self.training)
-        self.config.attention = attention
-        for block in self.transformer.h:
-            block.attn.attention = attention
+        super().set_attention(attention)
 
     def _attn_dropout(self):
         # the layers' own values: training may set them apart from config.dropout (train.py)
@@ -244,14 +200,6 @@ class GPT(nn.Module):
         check_dropout(self.config.attention, self._attn_dropout(), mode)
         return super().train(mode)
 
-    def set_attention_timing(self, on):
-        for block in self.transformer.h:
-            block.attn.timing = on
-            block.attn.attn_seconds = 0.0
-
-    def attention_seconds(self):
-        return sum(block.attn.attn_seconds for block in self.transformer.h)
-
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids. Without a cache they sit at positions 0..T-1; with one, at
         kv_cache.length .. kv_cache.length+T-1, and their keys/values are appended to the cache.
@@ -259,15 +207,13 @@ class GPT(nn.Module):
         Returns (logits, loss): with targets, logits (B, T, vocab) and the mean cross-entropy;
         without, logits (B, 1, vocab) of the last position only (all that sampling needs).
         """
-        device = idx.device
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"cannot forward positions {start}..{start + T - 1}: block_size is {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=device)  # (T,) absolute positions
 
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
+        pos_emb = self.transformer.wpe.weight[start:start + T]  # (T, n_embd): absolute positions, a view
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
             x = block(x, kv_cache)
@@ -292,38 +238,3 @@ class GPT(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
                   {"params": [wpe], "weight_decay": weight_decay, "lr_scale": wpe_lr_scale}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, kv_cache=True):
-        """Sample max_new_tokens after idx (B, T); returns (idx (B, T + max_new_tokens), n_crops).
-
-        Context cropping (as nanoGPT): when the sequence is longer than block_size, the model sees
-        only the last block_size tokens. The position embeddings are absolute, so after a crop
-        every kept token has a new position and its cached keys/values are stale: with the cache
-        we drop it and re-prefill the cropped window, and since the window then slides by one each
-        step, every step past block_size is a full re-prefill (no cache benefit there).
-        n_crops counts the steps that cropped. Both paths draw exactly one torch.multinomial per
-        token from `generator`, so with the same seed they produce the same tokens.
-        """
-        block_size = self.config.block_size
-        cache = KVCache(self.config, idx.size(0), device=idx.device) if kv_cache else None
-        n_crops = 0
-        for _ in range(max_new_tokens):
-            cropped = idx.size(1) > block_size
-            n_crops += cropped
-            if cache is None:
-                logits, _ = self(idx[:, -block_size:])
-            else:
-                if cropped or cache.length == 0:
-                    cache.reset()  # prefill (the prompt, or the cropped window at positions 0..)
-                    logits, _ = self(idx[:, -block_size:], kv_cache=cache)
-                else:
-                    logits, _ = self(idx[:, cache.length:], kv_cache=cache)  # the new token(s) only
-            logits = logits[:, -1, :] / temperature  # (B, vocab)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx, n_crops

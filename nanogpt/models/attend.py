@@ -1,0 +1,101 @@
+"""The attention op and the KV cache shared by the models. The op is chosen by name:
+
+  "torch"    torch's SDPA (the only choice with a backward, so training uses it)
+  "manual"   plain torch ops, softmax(QKᵀ/√hs + causal mask)V (the course's reference path)
+  any name in nanogpt.VARIANTS: the C++/ISPC kernel's output is what the model uses.
+
+Causal masks align bottom-right: the Tq queries are the LAST Tq positions of the Tk keys, which
+is what a KV-cache decoding step (Tq=1, Tk=cached+1) needs.
+"""
+import time
+
+import torch
+
+from nanogpt.reference import attention_reference, sdpa
+
+
+def attend(q, k, v, attention):
+    """q (B, H, Tq, hs), k and v (B, Hk, Tk, hs) with Hk dividing H (grouped-query attention:
+    query head h reads kv head h // (H/Hk), SDPA's enable_gqa semantics) -> (B, H, Tq, hs)."""
+    if attention == "torch":
+        return sdpa(q, k, v, causal=True)  # SDPA, given the bottom-right mask when Tq != Tk
+    if attention == "manual":
+        return attention_reference(q, k, v, causal=True)  # plain torch ops: the course's path
+    import nanogpt  # the compiled extension; imported here so "torch"/"manual" never need it
+    # q may be a transposed view and k/v views into the cache: the kernel reads them in place
+    # (it only needs the last dim contiguous), shared kv heads included. Default scale 1/sqrt(hs).
+    return nanogpt.attention(q, k, v, variant=attention, causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
+def check_attention(attention):
+    """Raise ValueError unless attention is "torch", "manual" or a name in nanogpt.VARIANTS."""
+    if attention in ("torch", "manual"):
+        return
+    import nanogpt
+    if attention not in nanogpt.VARIANTS:  # reading VARIANTS builds or loads the extension
+        raise ValueError(f"unknown attention {attention!r}: expected 'torch', 'manual' or one of {nanogpt.VARIANTS}")
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far, preallocated to the context length.
+
+    k[l], v[l] are (B, n_heads, context, hs) (the kv heads, for grouped-query attention); the
+    first `length` positions are filled, and append returns views (B, n_heads, length+T, hs)
+    (last dim contiguous, no copy). The model advances `length` once all layers have appended.
+    """
+
+    def __init__(self, n_layer, batch_size, n_heads, context, head_size, device=None, dtype=torch.float32):
+        shape = (batch_size, n_heads, context, head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0  # number of cached positions = absolute position of the next token
+
+    def reset(self):
+        self.length = 0
+
+    def append(self, layer, k, v):
+        # k, v (B, n_heads, T, hs) of the new tokens at positions length .. length+T-1 (any
+        # strides: written in place into the preallocated cache)
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class TimedAttention:
+    """Mixin for a model's attention module (which sets self.attention): with `timing` on,
+    timed_attend adds the seconds spent in attend() itself, not the projections, to
+    `attn_seconds` (the attention share that inference prints)."""
+
+    timing = False
+    attn_seconds = 0.0
+
+    def timed_attend(self, q, k, v):
+        if not self.timing:
+            return attend(q, k, v, self.attention)
+        t0 = time.perf_counter()
+        y = attend(q, k, v, self.attention)
+        self.attn_seconds += time.perf_counter() - t0
+        return y
+
+
+class AttentionChoice:
+    """Mixin for a model (an nn.Module with a .config.attention) whose layers are TimedAttention."""
+
+    def _attention_layers(self):
+        return [m for m in self.modules() if isinstance(m, TimedAttention)]
+
+    def set_attention(self, attention):
+        """Switch the attention op of every layer (e.g. train with "torch", sample with a kernel)."""
+        check_attention(attention)
+        self.config.attention = attention
+        for m in self._attention_layers():
+            m.attention = attention
+
+    def set_attention_timing(self, on):
+        for m in self._attention_layers():
+            m.timing = on
+            m.attn_seconds = 0.0
+
+    def attention_seconds(self):
+        return sum(m.attn_seconds for m in self._attention_layers())
