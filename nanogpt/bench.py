@@ -192,6 +192,52 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
 
 
 # ---------------------------------------------------------------------------------------
+# gpt.py bench --decode: a KV-cache step, few queries against a long cache
+
+DECODE_SHAPES = [  # (B, H, Nq, Nk, d)
+    (1, 4, 1, 256, 32), (1, 4, 1, 1500, 32), (1, 4, 1, 8192, 32), (1, 12, 1, 1024, 64), (1, 32, 1, 4096, 128),
+    (4, 16, 2, 2048, 64), (1, 4, 4, 8192, 32), (8, 8, 1, 2048, 64),
+]
+
+
+def bench_decode(shapes=DECODE_SHAPES, repeat=15) -> bool:
+    """flash's decode path against SDPA on KV-cache steps (causal, bottom-right: every query
+    sees the whole cache but the last Nq-1 keys' tail), verified first, then timed interleaved.
+    Decode is bound by reading K and V, so it is reported as bandwidth: bytes of K and V per
+    second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum())."""
+    print(header())
+    rows, ok_all = [], True
+    title = f"{'shape (B H Nq Nk d)':<24}{'flash us':>10}{'sdpa us':>10}{'xSDPA':>8}{'GB/s':>8}{'read GB/s':>11}  load"
+    print(title)
+    print("-" * len(title))
+    for (B, H, Nq, Nk, d) in shapes:
+        g = torch.Generator().manual_seed(Nk)
+        q = torch.randn(B, H, Nq, d, generator=g)
+        cache = torch.randn(2, B, H, Nk + 64, d, generator=g)  # a preallocated cache, read through views
+        k, v = cache[0, :, :, :Nk], cache[1, :, :, :Nk]
+        ok, err, bound = compare_to_sdpa(nanogpt.attention(q, k, v, causal=True), q, k, v, True)
+        ok_all &= ok
+        if not ok:
+            print(f"  MISMATCH at {(B, H, Nq, Nk, d)}: {err:.2e} > {bound:.2e}")
+            continue
+        with torch.inference_mode(), LoadWatch() as load:
+            t = interleaved_medians({"flash": lambda: nanogpt.attention(q, k, v, causal=True),
+                                     "sdpa": lambda: sdpa(q, k, v, True),
+                                     "read": lambda: (k.sum(), v.sum())}, repeat, warmup=2)
+        nbytes = 2 * B * H * Nk * d * 4
+        row = dict(B=B, H=H, Nq=Nq, Nk=Nk, d=d, flash_us=t["flash"] * 1e6, sdpa_us=t["sdpa"] * 1e6,
+                   x_sdpa=t["sdpa"] / t["flash"], gbs=nbytes / t["flash"] / 1e9, read_gbs=nbytes / t["read"] / 1e9,
+                   busy=load.busy)
+        rows.append(row)
+        print(f"{f'B{B} H{H} Nq{Nq} Nk{Nk} d{d}':<24}{row['flash_us']:10.1f}{row['sdpa_us']:10.1f}{row['x_sdpa']:8.2f}"
+              f"{row['gbs']:8.1f}{row['read_gbs']:11.1f}  {'BUSY' if load.busy else 'quiet'}")
+    path = nanogpt.extension().flash_path(1, 0, 0)
+    print(f"\nflash served Nq <= 8 by its '{path}' path; GB/s: K and V bytes over flash's time; "
+          "read GB/s: the same bytes over torch's k.sum() + v.sum()")
+    return ok_all
+
+
+# ---------------------------------------------------------------------------------------
 # gpt.py sweep
 
 

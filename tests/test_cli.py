@@ -323,3 +323,21 @@ def test_manual_is_part0_everywhere(ext):
     torch.testing.assert_close(bench.run("manual", q, k, v, True), attention_reference(q, k, v, True))
     with pytest.raises(TypeError, match="variant must be a str"):
         bench.run(None, q, k, v)  # no second name for part0
+
+
+def test_bench_decode_flag():
+    import gpt
+
+    args = gpt.parse_args(["bench", "--decode", "--repeat", "3"])
+    assert args.decode and args.repeat == 3
+    for extra in (["-N", "512"], ["--variants", "flash"], ["--json", "x.json"], ["--causal"]):
+        with pytest.raises(SystemExit):
+            gpt.parse_args(["bench", "--decode", *extra])
+
+
+def test_bench_decode_runs(ext, capsys):
+    from nanogpt import bench
+
+    assert bench.bench_decode(shapes=[(1, 2, 1, 40, 8), (1, 2, 3, 600, 16)], repeat=1)
+    out = capsys.readouterr().out
+    assert "B1 H2 Nq3 Nk600 d16" in out and "'decode' path" in out
