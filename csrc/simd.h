@@ -131,4 +131,17 @@ inline float softmax2_unnormalised(float* s, int64_t n) {
   return sum;
 }
 
+// o[c] = acc[c] / sum for c in [0, d): every variant's last step (acc may be o itself).
+// sum == 0 means the row saw no key (its max stayed -inf; otherwise the max's own term makes
+// sum >= 1, or NaN): such a row gets zeros, as SDPA gives for a fully masked row. Zeros are
+// written, not scaled in, since acc may hold 0·NaN junk from values behind the mask.
+inline void normalise_row(float* o, const float* acc, float sum, int64_t d) {
+  if (sum == 0.f) {
+    std::fill(o, o + d, 0.f);
+    return;
+  }
+  const float inv = 1.f / sum;  // NaN stays NaN
+  for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
+}
+
 }  // namespace nanogpt
