@@ -22,7 +22,7 @@ ISPC_SRC = ROOT / "ispc"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 LD_FLAGS = ["-fopenmp"]
 ISPC_TARGETS = ("avx2-i32x8", "avx512skx-x16")
-ISPC_FLAGS = ["--pic", "-O2", "--target=" + ",".join(ISPC_TARGETS)]
+ISPC_FLAGS = ["--pic", "-O2", "--target=" + ",".join(ISPC_TARGETS), "-I", str(CSRC)]  # csrc/kernel_common.h
 
 
 def sources() -> list[str]:
@@ -45,6 +45,12 @@ def ispc_version(ispc: str) -> str:
     return match.group(1) if match else out.strip()
 
 
+def ispc_headers(srcs: list[Path]) -> list[Path]:
+    """The csrc/ headers that the ispc sources #include (kernel_common.h, shared with C++)."""
+    names = {m for src in srcs for m in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M)}
+    return sorted(CSRC / n for n in names)
+
+
 def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     """Compiles ispc/*.ispc for every target; returns (objects to link, header folder).
 
@@ -54,7 +60,7 @@ def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     """
     srcs = sorted(ISPC_SRC.glob("*.ispc"))
     digest = hashlib.sha256()
-    for src in srcs:
+    for src in srcs + ispc_headers(srcs):
         digest.update(src.read_bytes())
     digest.update(" ".join(ISPC_FLAGS + [ispc_version(ispc)]).encode())
     folder = out_dir / f"ispc-{digest.hexdigest()[:12]}"
