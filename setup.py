@@ -2,7 +2,8 @@
 
 (--no-build-isolation: the build needs the torch==2.13.0 already installed; an isolated build
 would fetch an unpinned torch with gigabytes of CUDA packages.) Installs nanogpt with its
-compiled module nanogpt._C, which `import nanogpt` prefers over a JIT build.
+compiled module nanogpt._C, which `import nanogpt` prefers over a JIT build, and the build spec
+next to it (nanogpt/_build_spec.json), which nanogpt.build_info() reads.
 """
 import importlib.util
 from pathlib import Path
@@ -10,18 +11,28 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-# nanogpt/_build.py holds the sources and flags; loaded by path so that setup.py does not
-# import the package it is building.
-spec = importlib.util.spec_from_file_location("nanogpt_build", Path(__file__).parent / "nanogpt" / "_build.py")
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+# nanogpt/_build.py holds the build spec (sources, flags, ispc objects); loaded by path so that
+# setup.py does not import the package it is building.
+_spec = importlib.util.spec_from_file_location("nanogpt_build", Path(__file__).parent / "nanogpt" / "_build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
-cflags, objects, includes = list(build.CXX_FLAGS), [], []
-ispc = build.find_ispc()
-if ispc:
-    objects, header_dir = build.compile_ispc(ispc, Path("build") / "ispc")
-    cflags.append("-DNANOGPT_WITH_ISPC")
-    includes.append(str(header_dir.resolve()))
+spec = build.build_spec(build.find_ispc(), Path("build").resolve() / "ispc", "installed")
+
+
+def relative(path: str) -> str:
+    """setuptools wants sources relative to setup.py's folder."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path
+
+
+class BuildWithSpec(BuildExtension):
+    """build_ext that also writes the build spec next to the module it built."""
+
+    def run(self):
+        super().run()
+        build.write_spec(spec, Path(self.get_ext_fullpath("nanogpt._C")).parent)
+
 
 setup(
     name="nanogpt-flash",
@@ -29,11 +40,10 @@ setup(
     description="CPU attention as a ladder of variants, and a NanoGPT that runs on them",
     packages=find_packages(include=["nanogpt", "nanogpt.*"]),  # nanogpt.formats, nanogpt.models too
     data_files=[("share/nanogpt-flash/checkpoints", ["checkpoints/shakes2048.pt"])],  # formats/checkpoint.py finds it
-    ext_modules=[CppExtension("nanogpt._C", [str(Path(s).relative_to(Path.cwd())) if Path(s).is_relative_to(Path.cwd()) else s
-                                             for s in build.sources()],
-                              extra_compile_args=cflags, extra_link_args=build.LD_FLAGS,
-                              extra_objects=objects, include_dirs=includes)],
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=[CppExtension("nanogpt._C", [relative(s) for s in spec["sources"]],
+                              extra_compile_args=spec["cxx_flags"], extra_link_args=spec["ld_flags"],
+                              extra_objects=spec["objects"], include_dirs=spec["include_dirs"])],
+    cmdclass={"build_ext": BuildWithSpec},
     python_requires=">=3.10",
-    install_requires=["torch==2.13.0", "ninja", "filelock", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch==2.13.0", "ninja", "filelock", "numpy", "tqdm", "matplotlib", "safetensors", "tokenizers"],
 )

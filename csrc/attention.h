@@ -39,6 +39,13 @@ struct Problem {
   int64_t key_end(int64_t i) const {
     return causal ? std::clamp<int64_t>(i + 1 + Nk - Nq, 0, Nk) : Nk;
   }
+
+  // The causal diagonal of the tile of queries [i0, i0 + rows) × keys [j0, j0 + cols): query
+  // i0 + r sees key j0 + c iff c < r + diag, i.e. key j0 + c is hidden from rows r < c - diag + 1.
+  // In [-rows, cols]: -rows hides the whole tile, cols (always, without a mask) shows it all.
+  int64_t diag(int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    return causal ? std::clamp<int64_t>(i0 + 1 + Nk - Nq - j0, -rows, cols) : cols;
+  }
 };
 
 using Kernel = void (*)(const Problem&);

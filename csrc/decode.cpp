@@ -182,26 +182,10 @@ void flash_decode(const Problem& p) {
       for (int c = 0; c < d; ++c) qi[c] = q[c] * qscale;
       const int64_t n = end - j0;
       dot_keys(qi, p.k.row(b, h, j0), p.k.sn, d, s, n);
-      float m = kNegInf;
-      for (int64_t j = 0; j < n; ++j) m = smax(s[j], m);
-      if (m == kNegInf) {  // only -inf scores: nothing seen here
-        out[0] = kNegInf, out[1] = 0.f;
-        continue;
-      }
-      vf vs = {};
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        const vf e = vexp2(vload(s + j) - m);
-        vstore(s + j, e);
-        vs += e;
-      }
-      float l = hsum(vs);
-      for (; j < n; ++j) {
-        s[j] = s[j] - m < -125.f ? 0.f : std::exp2(s[j] - m);
-        l += s[j];
-      }
+      float m;
+      const float l = softmax2_unnormalised(s, n, &m);  // 0 with m = -inf: nothing seen here
       out[0] = m, out[1] = l;
-      pv(s, p.v.row(b, h, j0), p.v.sn, n, d, out + 2);
+      if (l != 0.f) pv(s, p.v.row(b, h, j0), p.v.sn, n, d, out + 2);
     }
   });
 
@@ -211,7 +195,7 @@ void flash_decode(const Problem& p) {
       const int64_t bh = r / nq, i = r % nq;
       const float* first = parts + (bh * spans * nq + i) * part;
       float m = kNegInf;
-      for (int64_t sp = 0; sp < spans; ++sp) m = smax(first[sp * nq * part], m);
+      for (int64_t sp = 0; sp < spans; ++sp) m = vmax(first[sp * nq * part], m);
       float* o = p.o.row(bh / p.H, bh % p.H, i);
       std::fill(o, o + d, 0.f);
       if (m == kNegInf) continue;  // saw no key: a zero row, as SDPA gives
@@ -223,8 +207,7 @@ void flash_decode(const Problem& p) {
         l += w * ps[1];
         for (int c = 0; c < d; ++c) o[c] += w * ps[2 + c];
       }
-      const float inv = 1.f / l;
-      for (int c = 0; c < d; ++c) o[c] *= inv;
+      normalise_row(o, o, l, d);
     }
   });
 }

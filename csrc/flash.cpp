@@ -50,12 +50,10 @@ void flash_attention(const Problem& p) {
   float* scratch = scratch_t.data_ptr<float>();
 
   const float qscale = p.scale * kLog2e;  // folded into Q so the tile uses exp2
-  const int64_t BH = p.B * p.H, blocks = (p.Nq + br - 1) / br;
-  // Item t is query block blocks-1-t/BH of head t%BH: the longest causal blocks go first.
-  parallel_items(BH * blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t t, int64_t slot) {
+  const int64_t blocks = (p.Nq + br - 1) / br;
+  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
     Scratch w(scratch + slot * per_thread, nq_max, bc, p.d, dp);
-    const int64_t bh = t % BH, b = bh / p.H, h = bh % p.H;
-    const int64_t i0 = (blocks - 1 - t / BH) * br, rows = std::min(br, p.Nq - i0);
+    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0);
     const int64_t nq = round_up(rows, kLanes);
     const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
 
@@ -77,23 +75,12 @@ void flash_attention(const Problem& p) {
         v = w.Vp;
         ldv = dp;
       }
-      // Query r sees block keys c < r + diag.
-      const int64_t diag = p.causal ? std::clamp<int64_t>(i0 + 1 + p.Nk - p.Nq - j0, -rows, cols) : cols;
       NANOGPT_TILE(w.Qt, p.k.row(b, h, j0), p.k.sn, v, ldv, w.St, w.O, w.m, w.l, w.tmp, int(rows),
-                   int(cols), int(p.d), int(dp), int(diag));
+                   int(cols), int(p.d), int(dp), int(p.diag(i0, rows, j0, cols)));
     }
 
-    for (int64_t r = 0; r < rows; ++r) {  // normalise straight into the caller's layout
-      float* o = p.o.row(b, h, i0 + r);
-      // A row whose running max stayed -inf saw no key (or only -inf scores): SDPA treats it
-      // as fully masked and writes zeros; so do we (O may hold 0·NaN junk, so write, not scale).
-      if (w.m[r] == kNegInf) {
-        std::fill(o, o + p.d, 0.f);
-        continue;
-      }
-      const float inv = 1.f / w.l[r];
-      for (int64_t c = 0; c < p.d; ++c) o[c] = w.O[r * dp + c] * inv;
-    }
+    // Normalise straight into the caller's layout (a row that saw no key has l = 0: zeros).
+    for (int64_t r = 0; r < rows; ++r) normalise_row(p.o.row(b, h, i0 + r), w.O + r * dp, w.l[r], p.d);
   });
 }
 

@@ -22,10 +22,9 @@
 
 namespace nanogpt::cpp {
 
-constexpr int kKeys = 6;                   // keys per register block of the score kernel
-constexpr int kMaxVecs = 4;                // vectors per register block: 6×4 = 24 accumulators
-constexpr int kPanel = kMaxVecs * kLanes;  // queries per score panel (its Qᵀ stays in L1)
-constexpr int kChunkBytes = 16384;         // P·V walks keys in chunks of V this big (fits L1)
+// kKeys, kPanel and kChunkBytes come from kernel_common.h (through simd.h), shared with ispc.
+constexpr int kMaxVecs = 4;  // vectors per register block: kKeys×4 = 24 accumulators
+static_assert(kPanel == kMaxVecs * kLanes, "a score panel is one register block wide");
 
 // St[r, 0:16·NV] = Σ_k K[r, k]·Qt[k, 0:16·NV] for R keys.
 template <int R, int NV>
@@ -81,7 +80,7 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
                        int d, int dp, int diag) {
   const int nq = int(round_up(rows, kLanes));
 
-  // 1. St = K·Qt: panels of up to 64 queries (Qᵀ panel in L1), blocks of 6 keys (1-key tail).
+  // 1. St = K·Qt: panels of kPanel queries (Qᵀ panel in L1), blocks of kKeys keys (1-key tail).
   for (int i = 0; i < nq; i += kPanel) {
     const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
     int j = 0;

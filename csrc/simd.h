@@ -28,42 +28,34 @@ inline vf vload(const float* p) {
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf vsplat(float x) { return vf{} + x; }
-// Maxima propagate NaN: a NaN score makes its query's output NaN, as in SDPA's vectorised
-// softmax (SDPA's scalar tail, for rows of under 16 keys, skips NaN instead).
-inline float smax(float x, float m) { return x > m || x != x ? x : m; }
-inline vf vmax(vf x, vf m) { return (x > m) | (x != x) ? x : m; }
+
+// 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).
+inline vf pow2i(vf n) {
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf p;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+}  // namespace nanogpt
+
+// vmax (NaN-propagating max of floats or vf), vexp2 and the flash tile's constants: shared with
+// ispc/flash_tile.ispc.
+#include "kernel_common.h"
+
+namespace nanogpt {
+
+static_assert(kLanes == kPad, "the padding of queries and features is one vf");
 
 inline float hmax(vf v) {
   float m = kNegInf;
-  for (int i = 0; i < kLanes; ++i) m = smax(v[i], m);
+  for (int i = 0; i < kLanes; ++i) m = vmax(v[i], m);
   return m;
 }
 inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
-}
-
-// 2^x, relative error ~1e-7. x below -125 (and -inf) gives exactly 0, NaN stays NaN.
-// Round-to-nearest by the 1.5·2^23 trick, then 2^x = 2^n · 2^f with f in [-0.5, 0.5]
-// and a degree-6 Taylor polynomial for 2^f (truncation error (ln2/2)^7/7! ≈ 1.2e-7).
-inline vf vexp2(vf x) {
-  const vi under = x < -125.f;
-  x = under ? vsplat(-125.f) : x;
-  const vf n = (x + 12582912.f) - 12582912.f;
-  const vf f = x - n;
-  vf p = vsplat(1.5403530393381606e-4f);
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n, n in [-125, 0]
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const vf r = p * scale;  // NaN · anything = NaN
-  return under ? vf{} : r;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -104,15 +96,16 @@ inline void pv_row(const float* p, const float* V, int64_t ldv, int64_t n, int64
   }
 }
 
-// In place: s[j] = 2^(s[j] - max s) for a row of n log2-scaled scores; returns Σ s[j].
-// A row with no score above -inf (fully masked) becomes all zeros and returns 0, as in SDPA;
-// a NaN score makes the sum NaN.
-inline float softmax2_unnormalised(float* s, int64_t n) {
+// In place: s[j] = 2^(s[j] - max s) for a row of n log2-scaled scores; returns Σ s[j] (and
+// the max in *max_out, if given). A row with no score above -inf (fully masked) becomes all
+// zeros and returns 0, as in SDPA; a NaN score makes the sum NaN.
+inline float softmax2_unnormalised(float* s, int64_t n, float* max_out = nullptr) {
   vf vm = vsplat(kNegInf);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) vm = vmax(vload(s + j), vm);
   float m = hmax(vm);
-  for (; j < n; ++j) m = smax(s[j], m);
+  for (; j < n; ++j) m = vmax(s[j], m);
+  if (max_out) *max_out = m;
   if (m == kNegInf) {
     std::fill(s, s + n, 0.f);
     return 0.f;
@@ -129,6 +122,19 @@ inline float softmax2_unnormalised(float* s, int64_t n) {
     sum += s[j];
   }
   return sum;
+}
+
+// o[c] = acc[c] / sum for c in [0, d): every variant's last step (acc may be o itself).
+// sum == 0 means the row saw no key (its max stayed -inf; otherwise the max's own term makes
+// sum >= 1, or NaN): such a row gets zeros, as SDPA gives for a fully masked row. Zeros are
+// written, not scaled in, since acc may hold 0·NaN junk from values behind the mask.
+inline void normalise_row(float* o, const float* acc, float sum, int64_t d) {
+  if (sum == 0.f) {
+    std::fill(o, o + d, 0.f);
+    return;
+  }
+  const float inv = 1.f / sum;  // NaN stays NaN
+  for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
 }
 
 }  // namespace nanogpt

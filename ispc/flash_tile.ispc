@@ -3,9 +3,6 @@
 // One varying float = programCount consecutive queries or features: 16 on avx512skx-x16,
 // 8 on avx2-i32x8; ispc's multi-target build picks the target at run time.
 
-#define KEYS 6       // keys per register block of the score kernel (the twin's kKeys)
-#define PANEL 64     // queries per score panel (the twin's kPanel)
-#define CHUNK 16384  // P·V walks keys in chunks of V this many bytes (the twin's kChunkBytes)
 #if TARGET_WIDTH >= 16
 #define VECS 4  // 6×4 accumulators of 32 zmm registers
 #else
@@ -13,26 +10,14 @@
 #endif
 #define kNegInf (-floatbits(0x7f800000))
 
-// 2^x as in the C++ twin: x below -125 (and -inf) gives 0, NaN stays NaN.
-static inline float exp2_poly(float x) {
-  const bool under = x < -125.f;
-  x = under ? -125.f : x;
-  const float n = (x + 12582912.f) - 12582912.f;
-  const float f = x - n;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const float r = p * floatbits(((int)n + 127) << 23);
-  return under ? 0.f : r;
-}
+// 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).
+static inline float pow2i(float n) { return floatbits(((int)n + 127) << 23); }
 
-// max(x, m) that propagates NaN, as the C++ twin's vmax: a NaN score makes its query's
-// output NaN, as in SDPA's vectorised softmax.
-static inline float nan_max(float x, float m) { return x > m || x != x ? x : m; }
+#include "kernel_common.h"  // kKeys, kPanel, kChunkBytes, kPad; vmax, vexp2: shared with C++
+
+// The register blocks are macros, not ispc templates: ispc 1.26 leaves a template's 6×4
+// accumulator array in memory on avx512skx-x16 (stored and reloaded around every FMA; seen with
+// --emit-asm), while the macro's accumulators stay in registers.
 
 // St[r, 0:W·NV] = Σ_k K[r, k]·Qt[k, 0:W·NV] for R keys.
 #define SCORE_BLOCK(NAME, R, NV)                                                              \
@@ -77,14 +62,14 @@ static inline float nan_max(float x, float m) { return x > m || x != x ? x : m; 
         O[r * ldo + v * programCount + programIndex] = acc[r][v];                             \
   }
 
-SCORE_BLOCK(score_wide, KEYS, VECS)
-SCORE_BLOCK(score_one, KEYS, 1)
+SCORE_BLOCK(score_wide, kKeys, VECS)
+SCORE_BLOCK(score_one, kKeys, 1)
 SCORE_BLOCK(score_wide_tail, 1, VECS)
 SCORE_BLOCK(score_one_tail, 1, 1)
 PV_BLOCK(pv_wide, 4, VECS)  // 4 queries × VECS vectors
 PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
 #if VECS > 2
-SCORE_BLOCK(score_two, KEYS, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
+SCORE_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
 SCORE_BLOCK(score_two_tail, 1, 2)
 PV_BLOCK(pv_two, 8, 2)
 #else
@@ -101,15 +86,15 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
                        uniform float O[], uniform float m[], uniform float l[], uniform float tmp[],
                        uniform int rows, uniform int cols, uniform int d, uniform int dp,
                        uniform int diag) {
-  const uniform int nq = (rows + 15) / 16 * 16;
+  const uniform int nq = (rows + kPad - 1) / kPad * kPad;
 
-  // 1. St = K·Qt: panels of up to 64 queries, blocks of KEYS keys (1-key tail).
-  for (uniform int i = 0; i < nq; i += PANEL) {
-    const uniform int pend = min(nq, i + PANEL);
+  // 1. St = K·Qt: panels of up to kPanel queries, blocks of kKeys keys (1-key tail).
+  for (uniform int i = 0; i < nq; i += kPanel) {
+    const uniform int pend = min(nq, i + kPanel);
     for (uniform int c = i; c < pend;) {
       const uniform int nv = block_vecs((pend - c) / programCount);
       uniform int j = 0;
-      for (; j + KEYS <= cols; j += KEYS) {
+      for (; j + kKeys <= cols; j += kKeys) {
         if (nv == VECS) score_wide(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
         else if (nv == 2) score_two(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
         else score_one(K + j * ldk, ldk, Qt + c, nq, St + j * nq + c, nq, d);
@@ -138,23 +123,23 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
     const uniform float* uniform s = St + j * nq;
     for (uniform int r = 0; r < nq; r += programCount) {
       const float x = s[r + programIndex];
-      msafe[r + programIndex] = nan_max(x, msafe[r + programIndex]);
+      msafe[r + programIndex] = vmax(x, msafe[r + programIndex]);
     }
   }
   for (uniform int r = 0; r < nq; r += programCount) {
     const int i = r + programIndex;
     const float mold = m[i];
-    const float mnew = nan_max(msafe[i], mold);
+    const float mnew = vmax(msafe[i], mold);
     const float ms = mnew == kNegInf ? 0.f : mnew;  // a query that sees nothing yet: P = 0, not NaN
     m[i] = mnew;
     msafe[i] = ms;
-    alpha[i] = exp2_poly(mold - ms);  // 0 on a query's first visible block
+    alpha[i] = vexp2(mold - ms);  // 0 on a query's first visible block
     sum[i] = 0.f;
   }
   for (uniform int j = 0; j < cols; ++j) {
     uniform float* uniform s = St + j * nq;
     for (uniform int r = 0; r < nq; r += programCount) {
-      const float e = exp2_poly(s[r + programIndex] - msafe[r + programIndex]);
+      const float e = vexp2(s[r + programIndex] - msafe[r + programIndex]);
       s[r + programIndex] = e;
       sum[r + programIndex] += e;
     }
@@ -170,14 +155,14 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
   }
 
   // 4. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
-  const uniform int chunk = max(16, CHUNK / 4 / dp);
+  const uniform int chunk = max(kPad, kChunkBytes / 4 / dp);
   for (uniform int j = 0; j < cols; j += chunk) {
     const uniform int n = min(chunk, cols - j);
     for (uniform int c = 0; c < dp;) {
       const uniform int nv = block_vecs((dp - c) / programCount);
       const uniform float* uniform Pt = St + j * nq;
       const uniform float* uniform Vj = V + j * ldv + c;
-      if (nv == VECS) {
+      if (nv == VECS) {  // 4 queries × VECS vectors; narrower panels take 8 queries at a time
         for (uniform int r = 0; r < nq; r += 4) pv_wide(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
       } else if (nv == 2) {
         for (uniform int r = 0; r < nq; r += 8) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);

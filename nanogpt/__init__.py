@@ -128,13 +128,22 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
 
 
 def build_info() -> dict:
-    """What was built and how it runs: tile kernel (ispc or C++), compiler, flags, threads."""
+    """What was built and how it runs: tile kernel (ispc or C++), compiler, flags, threads.
+
+    From the binary itself (compiled_info) and the build spec written next to it by the build
+    that made it (nanogpt/_build.py: the JIT build or setup.py)."""
     from nanogpt import _build
 
     info = dict(extension().compiled_info())
-    info["build"] = _source
-    info.update(_build.describe() if _source == "jit" else {"cxx_flags": " ".join(_build.CXX_FLAGS)})
+    spec = _build.read_spec(extension())
+    info["build"] = spec.get("build", _source)
+    info["cxx_flags"] = " ".join(spec.get("cxx_flags", ["unknown (no build spec)"]))
+    ispc = spec.get("ispc")
     if info["tile_kernel"] == "c++":
         info["ispc"] = "not used: C++ twin kernels"
+    elif ispc:
+        info["ispc"] = f"{ispc['version']} ({ispc['path']}), targets " + ", ".join(ispc["targets"])
+    if spec.get("sanitize"):
+        info["sanitize"] = True
     info["threads"] = torch.get_num_threads()
     return info

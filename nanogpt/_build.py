@@ -1,5 +1,7 @@
 """Builds the extension: ispc objects when ispc is found, then csrc/*.cpp with torch's JIT
-loader (ninja). Used by nanogpt.extension() and by setup.py, so both build the same thing.
+loader (ninja). build_spec() is the one description of a build (sources, flags, ispc objects
+and targets) that nanogpt.extension()'s JIT build and setup.py both use; each writes it as JSON
+next to the module it built (SPEC_FILE), and nanogpt.build_info() reads it back from there.
 
 ispc is looked for in $ISPC, on PATH, then in the project's .ispc/ (scripts/install_ispc.sh).
 NANOGPT_ISPC=0 forces the C++-only build (the twin kernels), NANOGPT_SANITIZE=1 a build with
@@ -8,6 +10,7 @@ AddressSanitizer and UBSan; each lives in its own build folder, so all stay cach
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -22,7 +25,8 @@ ISPC_SRC = ROOT / "ispc"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 LD_FLAGS = ["-fopenmp"]
 ISPC_TARGETS = ("avx2-i32x8", "avx512skx-x16")
-ISPC_FLAGS = ["--pic", "-O2", "--target=" + ",".join(ISPC_TARGETS)]
+SPEC_FILE = "_build_spec.json"  # written next to the built module
+ISPC_FLAGS = ["--pic", "-O2", "--target=" + ",".join(ISPC_TARGETS), "-I", str(CSRC)]  # csrc/kernel_common.h
 
 
 def sources() -> list[str]:
@@ -45,29 +49,36 @@ def ispc_version(ispc: str) -> str:
     return match.group(1) if match else out.strip()
 
 
+def ispc_headers(srcs: list[Path]) -> list[Path]:
+    """The csrc/ headers that the ispc sources #include (kernel_common.h, shared with C++)."""
+    names = {m for src in srcs for m in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M)}
+    return sorted(CSRC / n for n in names)
+
+
 def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     """Compiles ispc/*.ispc for every target; returns (objects to link, header folder).
 
-    The folder is named after a hash of the sources and flags, so a changed kernel changes
-    the link line, which makes torch's loader relink. It is compiled under a temporary name
-    and renamed when complete, so a compile killed half-way leaves no partial object behind.
+    The folder is named after a hash of the sources, the headers they include and the flags, so
+    a changed kernel changes the link line, which makes torch's loader relink. It is compiled
+    under a lock (out_dir + ".ispc.lock": the JIT build and setup.py alike) and a temporary name,
+    renamed when complete, so a compile killed half-way leaves no partial object behind.
     """
+    from filelock import FileLock
+
     srcs = sorted(ISPC_SRC.glob("*.ispc"))
     digest = hashlib.sha256()
-    for src in srcs:
+    for src in srcs + ispc_headers(srcs):
         digest.update(src.read_bytes())
     digest.update(" ".join(ISPC_FLAGS + [ispc_version(ispc)]).encode())
     folder = out_dir / f"ispc-{digest.hexdigest()[:12]}"
-    if not folder.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=out_dir))
-        for src in srcs:
-            cmd = [ispc, *ISPC_FLAGS, "-o", str(tmp / f"{src.stem}.o"), "-h", str(tmp / f"{src.stem}_ispc.h"), str(src)]
-            subprocess.run(cmd, check=True)
-        try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir) + ".ispc.lock"):
+        if not folder.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=out_dir))
+            for src in srcs:
+                cmd = [ispc, *ISPC_FLAGS, "-o", str(tmp / f"{src.stem}.o"), "-h", str(tmp / f"{src.stem}_ispc.h"), str(src)]
+                subprocess.run(cmd, check=True)
             os.rename(tmp, folder)
-        except OSError:  # another build (setup.py runs without our lock) finished first
-            shutil.rmtree(tmp)
     objects = []
     for src in srcs:
         # A multi-target build writes the run-time dispatcher plus one object per target.
@@ -106,7 +117,7 @@ def locked_jit(name: str, folder: Path, verbose: bool = False, prepare=None, **l
     two processes starting at once build once and both load. torch's own lock file does
     outlive a killed build (and would make every later start wait forever); holding our
     lock, any such file is stale, so it is removed, and we say so. prepare(), if given, runs
-    under the lock too and returns more load() arguments (the ISPC objects).
+    under the lock too and returns more load() arguments (the build spec's).
     """
     import torch.utils.cpp_extension as cpp_ext
     from filelock import FileLock
@@ -121,43 +132,60 @@ def locked_jit(name: str, folder: Path, verbose: bool = False, prepare=None, **l
             stale.unlink()
         if not any(torch_dir.glob("*.so")):
             print(f"nanogpt: compiling {name} into {torch_dir} (first use: about a minute)", file=sys.stderr)
-        args = dict(name=name, build_directory=str(torch_dir), verbose=verbose, **load_args)
-        if prepare:
-            args.update(prepare())
+
+        def build():
+            args = dict(name=name, build_directory=str(torch_dir), verbose=verbose, **load_args)
+            return cpp_ext.load(**{**args, **(prepare() if prepare else {})})
+
         try:
-            return cpp_ext.load(**args)
+            return build()
         except (ImportError, OSError) as err:  # e.g. a truncated .so from a killed link
             print(f"nanogpt: rebuilding {name} from scratch after: {err}", file=sys.stderr)
             shutil.rmtree(torch_dir)
             torch_dir.mkdir()
-            return cpp_ext.load(**args)
+            return build()  # prepare() again: it may write into torch_dir
+
+
+def build_spec(ispc: str | None, ispc_dir: Path, build: str) -> dict:
+    """The one description of a build, for the JIT build and setup.py alike: C++ sources and
+    flags, and with ispc its objects (compiled here, under their lock), version and targets.
+    `build` says which build it is ("jit" or "installed")."""
+    sanitize = sanitize_flags()
+    spec = {"build": build, "sources": sources(), "cxx_flags": CXX_FLAGS + sanitize, "ld_flags": LD_FLAGS + sanitize,
+            "include_dirs": [], "objects": [], "sanitize": bool(sanitize), "ispc": None}
+    if ispc:
+        objects, header_dir = compile_ispc(ispc, ispc_dir)
+        spec["cxx_flags"] = spec["cxx_flags"] + ["-DNANOGPT_WITH_ISPC"]
+        spec.update(include_dirs=[str(header_dir)], objects=objects)
+        spec["ispc"] = {"path": ispc, "version": ispc_version(ispc), "targets": list(ISPC_TARGETS), "flags": ISPC_FLAGS}
+    return spec
+
+
+def write_spec(spec: dict, folder: Path) -> None:
+    """Writes spec as folder/SPEC_FILE, atomically (a reader never sees half a file)."""
+    tmp = folder / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=1) + "\n")
+    os.replace(tmp, folder / SPEC_FILE)
+
+
+def read_spec(module) -> dict:
+    """The spec written next to a built module (empty for a module built without one)."""
+    try:
+        return json.loads((Path(module.__file__).parent / SPEC_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def load(verbose: bool = False):
     """Builds (first time: about a minute) or loads (about a second) the JIT extension."""
     ispc = find_ispc()
-    sanitize = sanitize_flags()
-    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize else "") + "_" + cpu_key()
+    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize_flags() else "") + "_" + cpu_key()
     folder = build_root() / name
-    cflags, ldflags = CXX_FLAGS + sanitize, LD_FLAGS + sanitize
 
-    def ispc_objects() -> dict:
-        if not ispc:
-            return {}
-        objects, header_dir = compile_ispc(ispc, folder)
-        return dict(extra_cflags=cflags + ["-DNANOGPT_WITH_ISPC"], extra_ldflags=objects + ldflags,
-                    extra_include_paths=[str(header_dir)])
+    def prepare() -> dict:  # under locked_jit's lock
+        spec = build_spec(ispc, folder, "jit")
+        write_spec(spec, folder / "torch")
+        return dict(sources=spec["sources"], extra_cflags=spec["cxx_flags"],
+                    extra_ldflags=spec["objects"] + spec["ld_flags"], extra_include_paths=spec["include_dirs"])
 
-    return locked_jit(name, folder, verbose, prepare=ispc_objects, sources=sources(), extra_cflags=cflags,
-                      extra_ldflags=ldflags, extra_include_paths=[])
-
-
-def describe(ispc: str | None = None) -> dict:
-    """What a build from this checkout uses (for build_info)."""
-    ispc = ispc if ispc is not None else find_ispc()
-    info = {"cxx_flags": " ".join(CXX_FLAGS + sanitize_flags())}
-    if ispc:
-        info["ispc"] = f"{ispc_version(ispc)} ({ispc}), targets " + ", ".join(ISPC_TARGETS)
-    else:
-        info["ispc"] = "not found: C++ twin kernels"
-    return info
+    return locked_jit(name, folder, verbose, prepare=prepare)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -81,3 +81,20 @@ def test_failed_ispc_compile_leaves_no_partial_objects(tmp_path):
     assert not [p for p in out.iterdir() if ".partial-" not in p.name]
     objects, _ = _build.compile_ispc(ispc, out)  # the next build compiles for real
     assert all(Path(o).stat().st_size > 1000 for o in objects)
+
+
+def test_build_info_reads_the_build_spec(ext):
+    """build_info() is what the build wrote next to the module (nanogpt/_build.py's build_spec,
+    shared by the JIT build and setup.py) plus what the binary says of itself."""
+    from nanogpt import _build
+
+    spec = _build.read_spec(ext.extension())
+    info = ext.build_info()
+    assert spec["build"] == info["build"] == "jit"  # the tests run from the checkout
+    assert spec["sources"] == _build.sources()
+    assert info["cxx_flags"] == " ".join(spec["cxx_flags"])
+    assert spec["sanitize"] == bool(_build.sanitize_flags()) == info.get("sanitize", False)
+    assert (spec["ispc"] is not None) == (info["tile_kernel"] == "ispc")
+    if spec["ispc"]:
+        assert spec["ispc"]["version"].startswith(info["ispc_version"])  # 1.26.0 and the binary's 1.26
+        assert all(Path(o).exists() for o in spec["objects"])

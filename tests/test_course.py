@@ -1,7 +1,9 @@
-"""The classic course's entry points, called with the course's own inputs and checks."""
+"""The classic course's entry points, called with the course's own inputs and checks.
+(Their argument checks are in test_errors.py.)"""
 import pytest
 import torch
-import torch.nn.functional as F
+
+from conftest import COURSE, course_call, course_reference
 
 
 def course_qkv(N, d, B, H):
@@ -14,29 +16,13 @@ def course_qkv(N, d, B, H):
     return Q, K, V
 
 
-def bad_softmax(Q, K, V):  # the course's reference: unscaled, not causal
-    return F.softmax(Q @ K.transpose(-2, -1), dim=3) @ V
-
-
-def course_call(module, part, Q, K, V, B, H, N, d, br=256, bc=256):
-    z = torch.zeros
-    if part == 1:
-        return module.myNaiveAttention(Q, K, V, z(N, N), B, H, N, d)
-    if part == 2:
-        return module.myUnfusedAttentionBlocked(Q, K, V, z(N, N), B, H, N, d)
-    if part == 3:
-        return module.myFusedAttention(Q, K, V, z(8, N), B, H, N, d)
-    return module.myFlashAttention(Q, K, V, z(br, d), z(bc, d), z(bc, d), z(br, bc), z(br, bc), z(br, d),
-                                   z(br, d), z(N), z(br), z(br), z(br), bc, br, B, H, N, d)
-
-
-@pytest.mark.parametrize("part", [1, 2, 3, 4])
-def test_course_inputs_at_course_size(ext, part):
+@pytest.mark.parametrize("entry", COURSE)
+def test_course_inputs_at_course_size(ext, entry):
     N, d, B, H = 1024, 32, 1, 4
     Q, K, V = course_qkv(N, d, B, H)
     assert K.stride(-1) != 1
-    out = course_call(ext.extension(), part, Q, K, V, B, H, N, d)
-    expected = bad_softmax(Q, K, V)
+    out = course_call(ext.extension(), entry, Q, K, V, B, H, N, d)
+    expected = course_reference(Q, K, V)
     assert torch.allclose(expected, out, atol=1e-4)  # the course's own check
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -46,29 +32,8 @@ def test_course_flash_tiles(ext, br, bc):
     N, d, B, H = 300, 20, 2, 3
     Q, K, V = course_qkv(N, d, B, H)
     Q = Q + torch.randn_like(Q)  # make rows differ in more than a linear ramp
-    out = course_call(ext.extension(), 4, Q, K, V, B, H, N, d, br, bc)
-    torch.testing.assert_close(out, bad_softmax(Q, K, V), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("part", [1, 2, 3, 4])
-def test_course_checks_sizes(ext, part):
-    Q, K, V = course_qkv(64, 8, 1, 2)
-    with pytest.raises(ValueError, match=r"Q must have shape \(B, H, N, d\)"):
-        course_call(ext.extension(), part, Q, K, V, 1, 2, 65, 8)
-
-
-def test_course_checks_scratch(ext):
-    m, z = ext.extension(), torch.zeros
-    Q, K, V = course_qkv(64, 8, 1, 2)
-    with pytest.raises(ValueError, match="QK_t must have shape"):
-        m.myNaiveAttention(Q, K, V, z(64, 63), 1, 2, 64, 8)
-    with pytest.raises(ValueError, match="QK_t must have shape"):
-        m.myUnfusedAttentionBlocked(Q, K, V, z(3, 64), 1, 2, 64, 8)
-    with pytest.raises(ValueError, match="temp must have shape"):
-        m.myFusedAttention(Q, K, V, z(8, 63), 1, 2, 64, 8)
-    with pytest.raises(ValueError, match="Lnew must have shape"):
-        m.myFlashAttention(Q, K, V, z(16, 8), z(16, 8), z(16, 8), z(16, 16), z(16, 16), z(16, 8),
-                           z(16, 8), z(64), z(16), z(16), z(15), 16, 16, 1, 2, 64, 8)
+    out = course_call(ext.extension(), "myFlashAttention", Q, K, V, B, H, N, d, br=br, bc=bc)
+    torch.testing.assert_close(out, course_reference(Q, K, V), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------

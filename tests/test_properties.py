@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nanogpt  # nanogpt.VARIANTS: the dispatch table, read at collection
+from conftest import nan_filled_empty
 from nanogpt.reference import compare_to_sdpa
 
 # (B, H, N, d) layouts with the values of a contiguous tensor; the padding around a slice is
@@ -126,14 +127,10 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def nan_filled_empty():
+def nan_filled():
     """torch.empty and the kernels' at::empty fill fresh memory with NaN for this module."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(before[0])
-    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+    with nan_filled_empty():
+        yield
 
 
 def run(ext, variant, q, k, v, p: Problem, **override):

@@ -6,31 +6,14 @@ instead of taking pytest down. Subprocesses run from the repo root with this env
 they load the same cached build.
 """
 import concurrent.futures
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import nanogpt  # nanogpt.VARIANTS: the dispatch table, read at collection
 
+from conftest import COURSE, course_call, qkv, run_python
 from nanogpt.reference import compare_to_sdpa
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def qkv(B, H, Nq, Nk, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, n, d, generator=g) for n in (Nq, Nk, Nk)]
-
-
-def python(code, env=None, timeout=60):
-    """Runs code in a fresh interpreter from the repo root; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def jobs(variants, n):
@@ -64,14 +47,7 @@ def test_concurrent_course_entry_points(ext):
     """The course's module from several threads (each entry point allocates its own scratch)."""
     m, N, d = ext.extension(), 48, 16
     q, k, v = qkv(1, 2, N, N, d, seed=3)
-    z = torch.zeros
-    calls = [
-        lambda: m.myNaiveAttention(q, k, v, z(N, N), 1, 2, N, d),
-        lambda: m.myUnfusedAttentionBlocked(q, k, v, z(N, N), 1, 2, N, d),
-        lambda: m.myFusedAttention(q, k, v, z(2, N), 1, 2, N, d),
-        lambda: m.myFlashAttention(q, k, v, z(8, d), z(16, d), z(16, d), z(8, 16), z(8, 16), z(8, d), z(8, d),
-                                   z(N), z(8), z(8), z(8), 16, 8, 1, 2, N, d),
-    ] * 5
+    calls = [lambda entry=entry: course_call(m, entry, q, k, v, 1, 2, N, d, br=8, bc=16) for entry in COURSE] * 5
     serial = [c() for c in calls]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda c: c(), calls))
@@ -88,13 +64,15 @@ THREAD_PROBLEMS = [  # (B, H, Nq, Nk, d, causal, br, bc): big enough to use ever
     (1, 2, 300, 7, 70, True, 5, 3),  # Nq > Nk: causal rows that see no key
     (3, 1, 9, 400, 20, False, 96, 48),  # a few queries against many keys
     (1, 4, 256, 256, 64, True, 17, 100),
+    (2, 3, 200, 200, 32, True, None, None),  # flash's default tiles
 ]
 
 
 @pytest.mark.parametrize("variant", nanogpt.VARIANTS)
 def test_one_thread_matches_default(ext, variant):
-    """torch.set_num_threads(1) against the default. tests/test_properties.py runs on one
-    thread, so this is where the multi-threaded paths meet awkward shapes and tiles."""
+    """torch.set_num_threads(1) against the default, bitwise: a row's arithmetic does not depend
+    on which thread computes it. tests/test_properties.py runs on one thread, so this is where
+    the multi-threaded paths meet awkward shapes and tiles."""
     before = torch.get_num_threads()
     results = {}
     try:
@@ -105,14 +83,14 @@ def test_one_thread_matches_default(ext, variant):
     finally:
         torch.set_num_threads(before)
     for problem, one, default in zip(THREAD_PROBLEMS, results[1], results[before]):
-        torch.testing.assert_close(one, default, rtol=1e-6, atol=1e-7, msg=lambda m: f"{problem}: {m}")
+        assert torch.equal(one, default), f"{variant} {problem}: one thread differs from {before}"
         q, k, v = qkv(*problem[:5], seed=THREAD_PROBLEMS.index(problem))
         ok, err, bound = compare_to_sdpa(default, q, k, v, problem[5])
         assert ok, f"{variant} {problem} on {before} threads: max error {err:.3g} > bound {bound:.3g}"
 
 
 def test_omp_num_threads_1_in_a_fresh_process(ext):
-    run = python("""
+    run = run_python("""
         import torch, nanogpt
         from nanogpt.reference import compare_to_sdpa
         assert nanogpt.build_info()["threads"] == 1, nanogpt.build_info()
@@ -168,7 +146,7 @@ FORK = PARENT + """
 
 
 def test_call_after_fork(ext):
-    run = python(FORK)
+    run = run_python(FORK)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -198,5 +176,5 @@ DATALOADER = PARENT + """
 
 
 def test_dataloader_fork_workers(ext):
-    run = python(DATALOADER)
+    run = run_python(DATALOADER)
     assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]
