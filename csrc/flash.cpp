@@ -95,10 +95,13 @@ void flash_attention(const Problem& p) {
       // as fully masked and writes zeros; so do we (O may hold 0·NaN junk, so write, not scale).
       if (w.m[r] == kNegInf) {
         std::fill(o, o + p.d, 0.f);
+        if (p.lse) p.lse[bh * p.Nq + i0 + r] = kNegInf;
         continue;
       }
       const float inv = 1.f / w.l[r];
       for (int64_t c = 0; c < p.d; ++c) o[c] = w.O[r * dp + c] * inv;
+      // For the backward: log Σ_j e^(s_ij), from the log2-unit running max and sum.
+      if (p.lse) p.lse[bh * p.Nq + i0 + r] = (w.m[r] + std::log2(w.l[r])) * float(M_LN2);
     }
   });
 }

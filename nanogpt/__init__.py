@@ -44,17 +44,79 @@ def extension():
             _source = "jit"
         _ext = ext
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
-        torch.library.register_autograd("nanogpt::attention", _no_backward, setup_context=_no_context)
+        torch.library.register_fake("nanogpt::attention_lse")(_attention_lse_fake)
+        torch.library.register_fake("nanogpt::attention_backward")(_attention_backward_fake)
+        torch.library.register_autograd("nanogpt::attention_lse", _lse_backward, setup_context=_lse_context)
+        torch.library.register_autograd("nanogpt::attention", _recomputing_backward, setup_context=_plain_context)
+        torch.library.register_autograd("nanogpt::attention_backward", _no_double_backward,
+                                        setup_context=_no_context)
     return _ext
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd. attention_lse is the forward for training: (out, lse), lse as the variant's backward
+# reads it. Its backward is the registered op attention_backward: flash's own, naive's own, and
+# naive's for blocked and fused (extension().training() lists which). The plain op, differentiated
+# directly (nanogpt.attention never does so), recomputes the forward with the LSE first.
+
+
+def _lse_context(ctx, inputs, output):
+    q, k, v, *args = inputs  # args: variant, causal, scale, br, bc
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _lse_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _plain_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = args
+
+
+def _recomputing_backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    out, lse = torch.ops.nanogpt.attention_lse(q, k, v, *ctx.args)
+    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
 
 
 def _no_context(ctx, inputs, output):
     pass
 
 
-def _no_backward(ctx, grad):
-    raise NotImplementedError("nanogpt.attention has no backward pass (the kernels are for inference); "
-                              "train with torch.nn.functional.scaled_dot_product_attention")
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("nanogpt.attention has no double backward (the gradient of its gradient); "
+                              "use torch.nn.functional.scaled_dot_product_attention for that")
+
+
+def _lse_rows(variant, nq):
+    """attention_lse's LSE has Nq rows for variants whose backward reads it, else 0."""
+    global _keeps_lse
+    if _keeps_lse is None:
+        _keeps_lse = {name: keeps for name, _, keeps in extension().training()}
+    return nq if _keeps_lse.get(variant, False) else 0
+
+
+_keeps_lse = None
+
+
+def _attention_lse_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
+    out = _attention_fake(q, k, v, variant, causal, scale, br, bc)
+    return out, q.new_empty(q.shape[0], q.shape[1], _lse_rows(variant, q.shape[2]))
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, variant="flash", causal=False, scale=None, br=0, bc=0):
+    _attention_fake(q, k, v)
+    torch._check(grad_out.shape == q.shape and out.shape == q.shape,
+                 lambda: f"grad_out and out must have q's shape {tuple(q.shape)}")
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
@@ -89,7 +151,9 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
     q (B, H, Nq, d), k and v (B, H, Nk, d): float32 CPU tensors; inputs whose last dimension
     is contiguous are read in place, others are copied once. scale defaults to 1/√d.
     br, bc: flash's tile height and width (blocked's tile too); None picks the default.
-    Returns a contiguous (B, H, Nq, d) tensor.
+    Returns a contiguous (B, H, Nq, d) tensor. Differentiable: when autograd needs it, the
+    forward also keeps the LSE its backward reads (flash's; naive's backward, which blocked and
+    fused use too, recomputes the softmax instead); otherwise inference pays nothing for it.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -108,7 +172,9 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
         scale = float(scale)
     br, bc = _check_tile("br", br), _check_tile("bc", bc)
     extension()
-    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
+    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc)  # inference: no LSE
 
 
 def build_info() -> dict:
