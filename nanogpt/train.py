@@ -1,6 +1,6 @@
 """
 Train the character-level GPT on data prepared by data/shakespeare_char/prepare.py (after nanoGPT's
-train.py, single process, CPU). Attention is "torch" (SDPA): the C++ kernels have no backward.
+train.py, single process, CPU). Attention is "torch" (SDPA) by default; the kernels have backward passes too.
 
   python -m nanogpt.train --context 256 --max-steps 2000 --out checkpoints/phase1.pt
   python -m nanogpt.train --init-from checkpoints/phase1.pt --context 2048 --out checkpoints/shakes2048.pt

@@ -2,7 +2,7 @@
 A character-level GPT in one file, after nanoGPT's model.py.
 
 The attention op is pluggable (GPTConfig.attention):
-  "torch"    F.scaled_dot_product_attention; the only choice with a backward, so training uses it.
+  "torch"    F.scaled_dot_product_attention (training uses it by default; every choice has a backward).
   "manual"   plain torch ops, softmax(QK^T / sqrt(hs) + causal mask) V (the course's reference path).
   any name in nanogpt.VARIANTS: the C++/ISPC kernel's output is what the model uses.
 
