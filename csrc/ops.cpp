@@ -53,10 +53,6 @@ View view_of(const at::Tensor& t, at::Tensor& keep) {
   return View{keep.data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
-}  // namespace
-
-namespace {
-
 // The checks every op makes (each message names the argument), then the Problem without o and
 // lse. keep[] holds copies of inputs whose last dimension is strided.
 Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
