@@ -34,6 +34,9 @@ struct Problem {
   float scale;
   bool causal;
   int64_t br, bc;  // tile sizes; 0 picks the variant's default
+  // (B, H, Nq) contiguous, or null: forwards that keep it (flash, for its backward) write each
+  // query's log-sum-exp of scale·scores in natural-log units; -inf for a row that sees no key.
+  float* lse = nullptr;
 
   // Keys [0, key_end(i)) are visible to query row i.
   int64_t key_end(int64_t i) const {
@@ -50,10 +53,20 @@ struct Problem {
 
 using Kernel = void (*)(const Problem&);
 
+// A backward pass reads the Problem (q, k, v, and in o the forward's output) and these.
+struct Grad {
+  View dout;         // (B, H, Nq, d): dL/dO, last dimension contiguous
+  const float* lse;  // (B, H, Nq) as the forward wrote it (Problem::lse), for flash
+  View dq, dk, dv;   // outputs, contiguous, every element written
+};
+using Backward = void (*)(const Problem&, const Grad&);
+
 struct Variant {
   const char* name;
   Kernel run;
-  const char* adds;  // the optimisation this variant adds over the previous one
+  const char* adds;   // the optimisation this variant adds over the previous one
+  Backward backward;  // the backward this variant trains with (its own or another's)
+  bool keeps_lse;     // its forward writes Problem::lse and its backward reads it
 };
 
 // The dispatch table: nanogpt.VARIANTS, and so the CLI, tests and benchmarks, read it.
@@ -64,6 +77,8 @@ void naive_attention(const Problem& p);
 void blocked_attention(const Problem& p);
 void fused_attention(const Problem& p);
 void flash_attention(const Problem& p);
+void naive_attention_backward(const Problem& p, const Grad& g);  // naive_backward.cpp
+void flash_attention_backward(const Problem& p, const Grad& g);  // flash_backward.cpp
 
 // K transposed, (B, Hk, d, ldk) with keys in [0, Nk): one copy, so that the row-wise variants
 // compute a query's scores as d vectorised passes over keys instead of Nk short dot products.

@@ -79,8 +79,12 @@ void flash_attention(const Problem& p) {
                    int(cols), int(p.d), int(dp), int(p.diag(i0, rows, j0, cols)));
     }
 
-    // Normalise straight into the caller's layout (a row that saw no key has l = 0: zeros).
-    for (int64_t r = 0; r < rows; ++r) normalise_row(p.o.row(b, h, i0 + r), w.O + r * dp, w.l[r], p.d);
+    // Normalise straight into the caller's layout (a row that saw no key has l = 0: zeros); for
+    // the backward, log Σ_j e^(s_ij) from the log2-unit running max and sum (-inf: no key).
+    for (int64_t r = 0; r < rows; ++r) {
+      normalise_row(p.o.row(b, h, i0 + r), w.O + r * dp, w.l[r], p.d);
+      if (p.lse) p.lse[bh * p.Nq + i0 + r] = w.l[r] == 0.f ? kNegInf : (w.m[r] + std::log2(w.l[r])) * float(M_LN2);
+    }
   });
 }
 

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "attention.h"
@@ -13,11 +14,16 @@
 
 namespace nanogpt {
 
+// blocked and fused train with naive's backward (the materialised N×N one): only naive and
+// flash have backward passes of their own.
 const Variant kVariants[] = {
-    {"naive", naive_attention, "materialises S = QKᵀ (N×N), row softmax, O = PV"},
-    {"blocked", blocked_attention, "tiles both matmuls (8×8 by default); softmax still a separate N×N pass"},
-    {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; threads over (batch, head, row)"},
-    {"flash", flash_attention, "Br×Bc tiles, running max and sum, register-blocked SIMD tile; O(N) memory"},
+    {"naive", naive_attention, "materialises S = QKᵀ (N×N), row softmax, O = PV", naive_attention_backward, false},
+    {"blocked", blocked_attention, "tiles both matmuls (8×8 by default); softmax still a separate N×N pass",
+     naive_attention_backward, false},
+    {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; threads over (batch, head, row)",
+     naive_attention_backward, false},
+    {"flash", flash_attention, "Br×Bc tiles, running max and sum, register-blocked SIMD tile; O(N) memory",
+     flash_attention_backward, true},
 };
 
 const Variant* find_variant(const std::string& name) {
@@ -47,11 +53,11 @@ View view_of(const at::Tensor& t, at::Tensor& keep) {
   return View{keep.data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
-}  // namespace
-
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     c10::string_view variant, bool causal, std::optional<double> scale,
-                     int64_t br, int64_t bc, bool enable_gqa) {
+// The checks every op makes (each message names the argument), then the Problem without o and
+// lse. keep[] holds copies of inputs whose last dimension is strided.
+Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        c10::string_view variant, bool causal, std::optional<double> scale,
+                        int64_t br, int64_t bc, bool enable_gqa, const Variant*& var, at::Tensor (&keep)[3]) {
   check_tensor(q, "q");
   check_tensor(k, "k");
   check_tensor(v, "v");
@@ -67,24 +73,86 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                       Hk != H ? " (for fewer kv heads, grouped-query attention, pass enable_gqa=True)" : "");
   }
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k ", k.sizes(), ", got ", v.sizes());
-  const Variant* var = find_variant(std::string(variant));
+  var = find_variant(std::string(variant));
   TORCH_CHECK_VALUE(var != nullptr, "variant must be one of ", variant_names(), "; got '", variant, "'");
   TORCH_CHECK_VALUE(br >= 0, "br must be a positive tile height (or 0 for the default), got ", br);
   TORCH_CHECK_VALUE(bc >= 0, "bc must be a positive tile width (or 0 for the default), got ", bc);
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(double(std::max<int64_t>(d, 1)));
   TORCH_CHECK_VALUE(std::isfinite(float(s)), "scale must be a finite number (as a float32), got ", s);
-
-  at::Tensor out = at::empty({B, H, Nq, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  if (Nk == 0) return out.zero_();  // softmax over no keys: SDPA gives zeros too
-
-  at::Tensor qk, kk, vk;
-  const View o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
-  Problem p{view_of(q, qk), view_of(k, kk), view_of(v, vk), o,
+  Problem p{view_of(q, keep[0]), view_of(k, keep[1]), view_of(v, keep[2]), View{},
             B, H, Nq, Nk, d, float(s), causal, br, bc};
-  p.k.group = p.v.group = H / Hk;  // query heads per kv head
+  p.k.group = p.v.group = Hk > 0 ? H / Hk : 1;  // query heads per kv head
+  return p;
+}
+
+View view_of_output(const at::Tensor& t) { return View{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The forward; with keep_lse also the LSE the variant's backward reads: (B, H, Nq) for variants
+// that keep one (flash), else (B, H, 0), as their backward recomputes the softmax.
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           c10::string_view variant, bool causal, std::optional<double> scale,
+                                           int64_t br, int64_t bc, bool enable_gqa, bool keep_lse) {
+  const Variant* var;
+  at::Tensor keep[3];
+  Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, enable_gqa, var, keep);
+  at::Tensor out = at::empty({p.B, p.H, p.Nq, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({p.B, p.H, keep_lse && var->keeps_lse ? p.Nq : 0}, q.options());
+  if (out.numel() == 0 || p.Nk == 0) {  // softmax over no keys: SDPA gives zeros too
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out.zero_(), lse};
+  }
+  p.o = view_of_output(out);
+  p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
   var->run(p);
-  return out;
+  return {out, lse};
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     c10::string_view variant, bool causal, std::optional<double> scale,
+                     int64_t br, int64_t bc, bool enable_gqa) {
+  return std::get<0>(forward(q, k, v, variant, causal, scale, br, bc, enable_gqa, false));
+}
+
+// The forward for training: (out, lse), lse as the variant's backward needs it.
+std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 c10::string_view variant, bool causal,
+                                                 std::optional<double> scale, int64_t br, int64_t bc) {
+  return forward(q, k, v, variant, causal, scale, br, bc, /*enable_gqa=*/false, true);  // training: k, v repeated
+}
+
+// (dq, dk, dv), contiguous, from dL/d(out), the inputs, and out and lse as attention_lse gave them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, c10::string_view variant, bool causal,
+    std::optional<double> scale, int64_t br, int64_t bc) {
+  const Variant* var;
+  at::Tensor keep[3], keep_g, keep_o;
+  Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, false, var, keep);
+  check_tensor(grad_out, "grad_out");
+  check_tensor(out, "out");
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.device().is_cpu(), "lse must be on the CPU, got device ", lse.device());
+  const int64_t lse_rows = var->keeps_lse ? p.Nq : 0;
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H && lse.size(2) == lse_rows,
+                    "lse must have shape (B, H, ", var->keeps_lse ? "Nq" : "0", ") = (", p.B, ", ", p.H, ", ",
+                    lse_rows, ") as attention_lse returns it for variant '", variant, "', got ", lse.sizes());
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
+             dv = at::empty(k.sizes(), contiguous);
+  if (p.Nq == 0 || p.Nk == 0 || p.d == 0) {  // out does not depend on q, k, v
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv};
+  }
+  p.o = view_of(out, keep_o);
+  const at::Tensor lse_c = lse.contiguous();
+  const Grad g{view_of(grad_out, keep_g), lse_rows ? lse_c.data_ptr<float>() : nullptr,
+               view_of_output(dq), view_of_output(dk), view_of_output(dv)};
+  var->backward(p, g);
+  return {dq, dk, dv};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -93,9 +161,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 TORCH_LIBRARY(nanogpt, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, str variant='flash', bool causal=False, "
         "float? scale=None, int br=0, int bc=0, bool enable_gqa=False) -> Tensor");
+  m.def("attention_lse(Tensor q, Tensor k, Tensor v, str variant='flash', bool causal=False, "
+        "float? scale=None, int br=0, int bc=0) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "str variant='flash', bool causal=False, float? scale=None, int br=0, int bc=0) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(nanogpt, CPU, m) { m.impl("attention", &attention); }
+TORCH_LIBRARY_IMPL(nanogpt, CPU, m) {
+  m.impl("attention", &attention);
+  m.impl("attention_lse", &attention_lse);
+  m.impl("attention_backward", &attention_backward);
+}
 
 void add_course_entry_points(pybind11::module_& m);  // course.cpp
 void add_peak_entry_points(pybind11::module_& m);    // peak.cpp
@@ -114,6 +190,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
+  m.def("training", [] {
+    std::vector<std::tuple<std::string, std::string, bool>> out;
+    for (const Variant& v : kVariants) {
+      const Variant* owner = &v;  // the first variant with this backward is the one it belongs to
+      for (const Variant& w : kVariants)
+        if (w.backward == v.backward) { owner = &w; break; }
+      out.emplace_back(v.name, owner->name, v.keeps_lse);
+    }
+    return out;
+  }, "(name, the variant whose backward it trains with, whether attention_lse returns an LSE) per variant");
   m.def("compiled_info", [] {
     pybind11::dict info;
 #ifdef NANOGPT_WITH_ISPC

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from nanogpt.reference import attention_reference, causal_mask
+from nanogpt.reference import attention_reference, causal_mask, repeat_kv
 
 # GNU OpenMP cannot run a parallel region in a child forked after the parent started its
 # threads (it waits for them forever); a forked child runs on one thread, as torch's
@@ -47,17 +47,87 @@ def extension():
 
         _tune.apply(ext, _tune.load())  # this CPU's measured tiles, if nanogpt.tune() ran here
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
-        torch.library.register_autograd("nanogpt::attention", _no_backward, setup_context=_no_context)
+        torch.library.register_fake("nanogpt::attention_lse")(_attention_lse_fake)
+        torch.library.register_fake("nanogpt::attention_backward")(_attention_backward_fake)
+        torch.library.register_autograd("nanogpt::attention_lse", _lse_backward, setup_context=_lse_context)
+        torch.library.register_autograd("nanogpt::attention", _recomputing_backward, setup_context=_plain_context)
+        torch.library.register_autograd("nanogpt::attention_backward", _no_double_backward,
+                                        setup_context=_no_context)
     return _ext
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd. attention_lse is the forward for training: (out, lse), lse as the variant's backward
+# reads it. Its backward is the registered op attention_backward: flash's own, naive's own, and
+# naive's for blocked and fused (extension().training() lists which). The plain op, differentiated
+# directly (nanogpt.attention never does so), recomputes the forward with the LSE first.
+
+
+def _lse_context(ctx, inputs, output):
+    q, k, v, *args = inputs  # args: variant, causal, scale, br, bc
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _lse_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _plain_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = args
+
+
+def _recomputing_backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    args = ctx.args[:5]  # variant, causal, scale, br, bc (enable_gqa: k and v repeated below)
+    kr, vr = repeat_kv(q, k, v)
+    out, lse = torch.ops.nanogpt.attention_lse(q, kr, vr, *args)
+    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, kr, vr, out, lse, *args)
+    return dq, _fold_heads(dk, k.shape[1]), _fold_heads(dv, k.shape[1]), None, None, None, None, None, None
+
+
+def _fold_heads(grad, hk):
+    """The gradient of repeat_kv: (B, H, N, d) summed over each kv head's group -> (B, Hk, N, d)."""
+    B, H, N, d = grad.shape
+    return grad if H == hk else grad.view(B, hk, H // hk, N, d).sum(2)
 
 
 def _no_context(ctx, inputs, output):
     pass
 
 
-def _no_backward(ctx, grad):
-    raise NotImplementedError("nanogpt.attention has no backward pass (the kernels are for inference); "
-                              "train with torch.nn.functional.scaled_dot_product_attention")
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("nanogpt.attention has no double backward (the gradient of its gradient); "
+                              "use torch.nn.functional.scaled_dot_product_attention for that")
+
+
+def _lse_rows(variant, nq):
+    """attention_lse's LSE has Nq rows for variants whose backward reads it, else 0."""
+    global _keeps_lse
+    if _keeps_lse is None:
+        _keeps_lse = {name: keeps for name, _, keeps in extension().training()}
+    return nq if _keeps_lse.get(variant, False) else 0
+
+
+_keeps_lse = None
+
+
+def _attention_lse_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
+    out = _attention_fake(q, k, v, variant, causal, scale, br, bc)
+    return out, q.new_empty(q.shape[0], q.shape[1], _lse_rows(variant, q.shape[2]))
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, variant="flash", causal=False, scale=None, br=0, bc=0):
+    _attention_fake(q, k, v)
+    torch._check(grad_out.shape == q.shape and out.shape == q.shape,
+                 lambda: f"grad_out and out must have q's shape {tuple(q.shape)}")
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0, enable_gqa=False):
@@ -73,7 +143,7 @@ def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc
 
 
 def tune(**kwargs):
-    """Measures flash's tiles on this CPU and keeps them as its defaults (nanogpt/tune.py)."""
+    """Measures flash's tiles on this CPU and keeps them as its defaults (nanogpt/tuning.py)."""
     from nanogpt import tuning as _tune
 
     return _tune.tune(**kwargs)
@@ -124,7 +194,12 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
         scale = float(scale)
     br, bc = _check_tile("br", br), _check_tile("bc", bc)
     extension()
-    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc, enable_gqa)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # training: the forward that keeps the LSE, whose backward is the variant's own. Its ops
+        # take k and v with H heads: grouped kv heads are repeated (autograd sums their gradients).
+        k, v = repeat_kv(q, k, v) if enable_gqa else (k, v)
+        return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
+    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc, enable_gqa)  # inference: no LSE
 
 
 def build_info() -> dict:

@@ -348,3 +348,72 @@ def decode(variant="flash", threads=None, llama_tokens=255, gpt2_tokens=1023, hf
     if len(names) == 3:
         print(f"  nanogpt GPT-2 vs transformers: {ms[names[2]] / ms[names[1]]:.2f}x faster")
     return ms
+    return {"best": best, "times": {str(k): v for k, v in t.items()}}
+
+
+# ---------------------------------------------------------------------------------------
+# gpt.py bench --backward
+
+TRAIN_SHAPES = [(12, 4, 256, 32), (1, 4, 2048, 32), (4, 12, 1024, 64), (8, 8, 128, 64)]  # (B, H, N, d)
+
+
+def bench_backward(shapes=TRAIN_SHAPES, causal=True, repeat=7, variant="flash", json_path=None) -> bool:
+    """Training: forward + backward of a variant next to SDPA's, fp32. Verifies the gradients
+    against the float64 reference first (nanogpt.reference.compare_gradients), then times both
+    interleaved (each repetition runs each once, in turn; median of `repeat`) and prints the
+    forward + backward ms, the ratio to SDPA, the backward's ms and its GFLOP/s: five matmuls
+    (S, dP, dV, dK, dQ), 10·d flops per visible query–key pair."""
+    from nanogpt.reference import compare_gradients
+
+    print(format_info())
+    print(f"verifying {variant}'s gradients against the float64 reference first ...")
+    all_ok = True
+    for (B, H, N, d), c in [((2, 3, 77, 16), False), ((1, 2, 300, 32), True), ((1, 1, 129, 64), True),
+                            ((2, 2, 100, 24), True)]:
+        q, k, v, dout = random_qkv(B, H, N, d, seed=N) + [torch.randn(B, H, N, d)]
+        ins = [t.requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(nanogpt.attention(*ins, variant=variant, causal=c), ins, dout)
+        for name, ok, err, bound in compare_gradients(grads, q, k, v, dout, c):
+            all_ok &= ok
+            if not ok:
+                print(f"  {variant} {name} MISMATCH at B{B} H{H} N{N} d{d} causal={c}: {err:.2e} > {bound:.2e}")
+    if not all_ok:
+        return False
+    print(f"all match. timing forward + backward, causal={causal}: median of {repeat}, {variant} and SDPA "
+          "interleaved in one loop\n")
+    header = (f"{'shape':<20}{'sdpa ms':>9}{variant + ' ms':>10}{'xSDPA':>7}{'bwd ms':>9}{'bwd GFLOP/s':>13}"
+              f"{'sdpa bwd ms':>13}{'GFLOP/s':>9}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for (B, H, N, d) in shapes:
+        q, k, v = (t.requires_grad_() for t in random_qkv(B, H, N, d))
+        dout = torch.randn(B, H, N, d)
+        fns = {"sdpa": lambda: sdpa(q, k, v, causal), variant: lambda: nanogpt.attention(q, k, v, variant=variant,
+                                                                                        causal=causal)}
+        total, backward = {name: [] for name in fns}, {name: [] for name in fns}
+        for rep in range(1 + repeat):  # one warm-up
+            for name, fn in fns.items():
+                q.grad = k.grad = v.grad = None
+                start = time.perf_counter()
+                out = fn()
+                mid = time.perf_counter()
+                out.backward(dout)
+                end = time.perf_counter()
+                if rep:
+                    total[name].append(end - start)
+                    backward[name].append(end - mid)
+        t = {name: statistics.median(ts) for name, ts in total.items()}
+        tb = {name: statistics.median(ts) for name, ts in backward.items()}
+        flops = 10 * B * H * d * visible_pairs(N, N, causal)
+        row = dict(B=B, H=H, N=N, d=d, causal=causal, sdpa_ms=t["sdpa"] * 1e3, ms=t[variant] * 1e3,
+                   x_sdpa=t["sdpa"] / t[variant], bwd_ms=tb[variant] * 1e3, bwd_gflops=flops / tb[variant] / 1e9,
+                   sdpa_bwd_ms=tb["sdpa"] * 1e3, sdpa_bwd_gflops=flops / tb["sdpa"] / 1e9)
+        rows.append(row)
+        print(f"{f'B{B} H{H} N{N} d{d}':<20}{row['sdpa_ms']:9.2f}{row['ms']:10.2f}{row['x_sdpa']:7.2f}"
+              f"{row['bwd_ms']:9.2f}{row['bwd_gflops']:13.1f}{row['sdpa_bwd_ms']:13.2f}{row['sdpa_bwd_gflops']:9.1f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"build": nanogpt.build_info(), "repeat": repeat, "variant": variant, "rows": rows}, f, indent=1)
+        print(f"\nsaved {json_path}")
+    return True

@@ -96,3 +96,35 @@ def compare_to_sdpa(out, q, k, v, causal: bool = False, scale: float | None = No
     vmax = v.abs().max().item() if v.numel() else 0.0
     bound = 2 * torch_err + score_err * vmax + 4 * eps * max(1.0, exact.abs().max().item())
     return err <= bound, err, bound
+
+
+def compare_gradients(grads, q, k, v, dout, causal: bool = False, scale: float | None = None):
+    """[(name, ok, our max error, bound)] for grads = (dq, dk, dv) of Σ out·dout, each against
+    the float64 reference under autograd.
+
+    Allowed: four times PyTorch's own float32 error on the same inputs (this reference run in
+    float32 under autograd; four, not the forward's two, as a backward chains more float32
+    steps: D = rowsum(dO∘O), five matmuls), plus float32's conditioning of the scores times the
+    largest gradient: a backward that recomputes P = exp(s − LSE) from a float32 LSE carries
+    the LSE's rounding, ε·max|s|, as a relative error of every weight (as compare_to_sdpa's
+    score term, and as in every FlashAttention backward), plus 16 ulps of the largest gradient.
+    """
+    def reference_grads(dtype):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention_reference(*ins, causal, scale)
+        return torch.autograd.grad(out, ins, dout.detach().to(dtype), allow_unused=True)
+
+    exact, torch32 = reference_grads(torch.float64), reference_grads(torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    scale_ = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
+    nonempty = q.numel() and k.numel()
+    score_err = eps * abs(scale_) * (q.double().abs() @ k.double().abs().transpose(-2, -1)).max().item() if nonempty else 0.0
+    result = []
+    for name, ours, ex, t32 in zip(("dq", "dk", "dv"), grads, exact, torch32):
+        if ours.numel() == 0:
+            result.append((name, True, 0.0, 0.0))
+            continue
+        err = (ours.double() - ex).abs().max().item()  # NaN (any NaN in ours) fails below
+        bound = 4 * (t32.double() - ex).abs().max().item() + (score_err + 16 * eps) * max(1.0, ex.abs().max().item())
+        result.append((name, err <= bound, err, bound))
+    return result

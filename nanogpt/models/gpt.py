@@ -2,8 +2,8 @@
 A character-level GPT in one file, after nanoGPT's model.py.
 
 The attention op is pluggable (GPTConfig.attention, see nanogpt/models/attend.py): "torch" (SDPA,
-the only one with a backward, so training uses it), "manual" (plain torch ops) or a kernel of
-nanogpt.VARIANTS. GPT-2's weights load into it too (nanogpt/formats/hf.py; gelu="tanh").
+the training default), "manual" (plain torch ops) or a kernel of nanogpt.VARIANTS; every choice
+has a backward. GPT-2's weights load into it too (nanogpt/formats/hf.py; gelu="tanh").
 
 Inference can use a KV cache (KVCache below): the prompt is run once (prefill), then each new
 token is ONE query attending to all cached keys (Nq=1, Nk=T) with causal=True; the extension

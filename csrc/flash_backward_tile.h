@@ -1,0 +1,127 @@
+// The flash backward tile step in C++: the twin of ispc/flash_backward.ispc, with the same
+// signature and the same arithmetic, used when the build has no ispc (and tested in that build).
+//
+// One block of `cols` keys against one block of `rows` queries (nq = round_up(rows, 16) lanes).
+// As in the forward (flash_tile.h), scores are kept transposed, keys × queries, so K, V, Q and
+// dO rows are read in place and per-query values (L, D) are plain vectors:
+//   Qt  (d × nq)     queries transposed, × scale·log2(e); lanes past `rows` zero
+//   Q   (rows × dp)  query rows, unscaled, row stride ldq        ─┐ dp = round_up(d, 16):
+//   dOt (d × nq)     dL/dO transposed; lanes past `rows` zero      │ columns past d must be
+//   dO  (rows × dp)  dL/dO rows, row stride ldo                    │ readable and finite (the
+//   K   (cols × dp)  key rows, row stride ldk                     ─┘ caller pads copies)
+//   V   (cols × d)   value rows, row stride ldv
+//   L   (nq)         each query's log-sum-exp in log2 units; +inf for a query that sees no key
+//                    and past `rows` (then P = 0)
+//   D   (nq)         rowsum(dO∘O); 0 past `rows`
+//   P, dS (cols × nq) scratch
+//   dK, dV (cols × dp) this key block's accumulators: dK += scale·dSᵀQ, dV += PᵀdO (by rows < `rows`)
+//   dQ  (nq × dp)    this query block's accumulator: dQ += scale·dS·K (lanes past `rows` get 0)
+// Query r sees the block's keys c < r + diag (the causal diagonal; diag ≥ cols: all).
+// With S = K·Qt the scores in log2 units: P = 2^(S − L), dP = V·dOt, dS = scale·P∘(dP − D)
+// (scale folded into dS, so dK and dQ need no pass of their own).
+#pragma once
+
+#include <algorithm>
+
+#include "flash_tile.h"
+#include "simd.h"
+
+namespace nanogpt::cpp {
+
+// Out[c, 0:16·NV] += Σ_{r < rows} Pt[c, r]·X[r, 0:16·NV] for R keys: dV += Pᵀ·dO, dK += dSᵀ·Q.
+template <int R, int NV>
+inline void key_block(const float* Pt, int ldp, const float* X, int64_t ldx, float* Out, int ldo, int rows) {
+  vf acc[R][NV];
+  for (int c = 0; c < R; ++c)
+    for (int v = 0; v < NV; ++v) acc[c][v] = vload(Out + c * ldo + v * kLanes);
+  for (int r = 0; r < rows; ++r) {
+    vf xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = vload(X + r * ldx + v * kLanes);
+#pragma GCC unroll 8
+    for (int c = 0; c < R; ++c) {
+      const vf pc = vsplat(Pt[c * ldp + r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[c][v] += pc * xv[v];
+    }
+  }
+  for (int c = 0; c < R; ++c)
+    for (int v = 0; v < NV; ++v) vstore(Out + c * ldo + v * kLanes, acc[c][v]);
+}
+
+// Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
+#define NANOGPT_BY_WIDTH(nv, block, R, ...)       \
+  switch (nv) {                                   \
+    case 1: block<R, 1>(__VA_ARGS__); break;      \
+    case 2: block<R, 2>(__VA_ARGS__); break;      \
+    case 3: block<R, 3>(__VA_ARGS__); break;      \
+    default: block<R, 4>(__VA_ARGS__); break;     \
+  }
+
+// Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq): the forward's score kernel.
+inline void keys_by_queries(const float* A, int64_t lda, const float* Bt, float* Out, int nq, int cols, int d) {
+  for (int i = 0; i < nq; i += kPanel) {
+    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
+    int j = 0;
+    for (; j + kKeys <= cols; j += kKeys)
+      NANOGPT_BY_WIDTH(nv, score_block, kKeys, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+    for (; j < cols; ++j)
+      NANOGPT_BY_WIDTH(nv, score_block, 1, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+  }
+}
+
+// Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`.
+inline void accumulate_keys(const float* Pt, int nq, const float* X, int64_t ldx, float* Out, int dp, int rows,
+                            int cols) {
+  for (int f = 0; f < dp; f += kPanel) {
+    const int nv = std::min(kMaxVecs, (dp - f) / kLanes);
+    int c = 0;
+    if (nv == kMaxVecs)  // 4×4 accumulators; narrower panels take 8 keys at a time
+      for (; c + 4 <= cols; c += 4) key_block<4, 4>(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+    else
+      for (; c + 8 <= cols; c += 8)
+        NANOGPT_BY_WIDTH(nv, key_block, 8, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+    for (; c < cols; ++c) NANOGPT_BY_WIDTH(nv, key_block, 1, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+  }
+}
+
+inline void flash_backward_tile(const float* Qt, const float* Q, int64_t ldq, const float* dOt, const float* dO,
+                                int64_t ldo, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                                const float* L, const float* D, float* P, float* dS, float* dK, float* dV,
+                                float* dQ, int rows, int cols, int d, int dp, int diag, float scale) {
+  const int nq = int(round_up(rows, kLanes));
+
+  // 1. P = 2^(K·Qt − L), hidden keys (c ≥ r + diag) first set to -inf so that they give 0.
+  keys_by_queries(K, ldk, Qt, P, nq, cols, d);
+  for (int c = std::max(0, diag); c < cols; ++c)
+    std::fill(P + c * nq, P + c * nq + std::min(nq, c - diag + 1), kNegInf);
+  for (int c = 0; c < cols; ++c)
+    for (int i = 0; i < nq; i += kLanes) vstore(P + c * nq + i, vexp2(vload(P + c * nq + i) - vload(L + i)));
+
+  // 2. dV += Pᵀ·dO.
+  accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols);
+
+  // 3. dS = scale·P∘(V·dOt − D).
+  keys_by_queries(V, ldv, dOt, dS, nq, cols, d);
+  for (int c = 0; c < cols; ++c)
+    for (int i = 0; i < nq; i += kLanes) {
+      const vf ds = vload(P + c * nq + i) * (vload(dS + c * nq + i) - vload(D + i));
+      vstore(dS + c * nq + i, ds * scale);
+    }
+
+  // 4. dK += dSᵀ·Q.
+  accumulate_keys(dS, nq, Q, ldq, dK, dp, rows, cols);
+
+  // 5. dQ += dS·K: the forward's P·V kernel, with dS for P and K for V.
+  for (int f = 0; f < dp; f += kPanel) {
+    const int nv = std::min(kMaxVecs, (dp - f) / kLanes);
+    if (nv == kMaxVecs)
+      for (int r = 0; r < nq; r += 4) pv_block<4, 4>(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
+    else
+      for (int r = 0; r < nq; r += 8) NANOGPT_BY_WIDTH(nv, pv_block, 8, dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
+  }
+}
+
+#undef NANOGPT_BY_WIDTH
+
+}  // namespace nanogpt::cpp
