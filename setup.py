@@ -40,9 +40,9 @@ setup(
     description="CPU attention as a ladder of variants, and a NanoGPT that runs on them",
     packages=find_packages(include=["nanogpt", "nanogpt.*"]),  # nanogpt.formats, nanogpt.models too
     data_files=[("share/nanogpt-flash/checkpoints", ["checkpoints/shakes2048.pt"])],  # formats/checkpoint.py finds it
-    ext_modules=[CppExtension("nanogpt._C", [relative(s) for s in spec["sources"]],
-                              extra_compile_args=spec["cxx_flags"], extra_link_args=spec["ld_flags"],
-                              extra_objects=spec["objects"], include_dirs=spec["include_dirs"])],
+    ext_modules=[CppExtension("nanogpt._C", [relative(s) for s in spec["sources"]],  # copies: CppExtension appends
+                              extra_compile_args=list(spec["cxx_flags"]), extra_link_args=list(spec["ld_flags"]),
+                              extra_objects=list(spec["objects"]), include_dirs=list(spec["include_dirs"]))],
     cmdclass={"build_ext": BuildWithSpec},
     python_requires=">=3.10",
     install_requires=["torch==2.13.0", "ninja", "filelock", "numpy", "tqdm", "matplotlib", "safetensors", "tokenizers"],
