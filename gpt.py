@@ -109,8 +109,11 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=positive, default=7, help="timed repetitions, median kept (default 7)")
     b.add_argument("--variants", default=None, help="comma-separated variants (default: the whole dispatch table)")
     b.add_argument("--json", default=None, help="save the table to this JSON file")
-    b.add_argument("--decode", action="store_true",
-                   help="time flash's decode path (KV-cache steps: few queries, long caches) against SDPA instead")
+    kind = b.add_mutually_exclusive_group()
+    kind.add_argument("--decode", action="store_true",
+                      help="time flash's decode path (KV-cache steps: few queries, long caches) against SDPA instead")
+    kind.add_argument("--backward", action="store_true",
+                      help="time flash's forward+backward against SDPA's on training shapes (causal) instead")
 
     s = sub.add_parser("sweep", help="flash over a Br×Bc grid, with a heat map",
                        description="Times flash over a Br×Bc grid (interleaved with SDPA, median) and marks the best.")
@@ -170,12 +173,13 @@ def check(p: argparse.ArgumentParser, args) -> None:
     for name, default in SHAPE.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.command == "bench" and args.decode:
+    if args.command == "bench" and (args.decode or args.backward):
         given = [f"-{n}" for n in SHAPE if args.shape_given and getattr(args, n) != SHAPE[n]]
-        given += [flag for flag, on in (("--variants", args.variants), ("--json", args.json),
+        given += [flag for flag, on in (("--variants", args.variants), ("--json", args.json and args.decode),
                                         ("--causal/--non-causal", args.mask)) if on]
         if given:
-            sub.error(f"--decode times its own KV-cache shapes with flash and SDPA: drop {', '.join(given)}")
+            what = "--decode" if args.decode else "--backward"
+            sub.error(f"{what} times its own shapes with flash and SDPA: drop {', '.join(given)}")
     if args.command == "bench":
         from nanogpt import bench
 
@@ -221,6 +225,8 @@ def main(argv=None) -> int:
 
     if args.command == "bench" and args.decode:
         return 0 if bench.bench_decode(repeat=args.repeat) else 1
+    if args.command == "bench" and args.backward:
+        return 0 if bench.bench_backward(repeat=args.repeat, json_path=args.json) else 1
     if args.command == "bench":
         shapes = [(args.B, args.H, args.N, args.d)] if args.shape_given else bench.BENCH_SHAPES
         causals = {"causal": (True,), "none": (False,), None: (False, True)}[args.mask]

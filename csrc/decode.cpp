@@ -198,6 +198,7 @@ void flash_decode(const Problem& p) {
       for (int64_t sp = 0; sp < spans; ++sp) m = vmax(first[sp * nq * part], m);
       float* o = p.o.row(bh / p.H, bh % p.H, i);
       std::fill(o, o + d, 0.f);
+      if (p.lse) p.lse[bh * nq + i] = kNegInf;  // for the backward; set below when keys were seen
       if (m == kNegInf) continue;  // saw no key: a zero row, as SDPA gives
       float l = 0.f;
       for (int64_t sp = 0; sp < spans; ++sp) {
@@ -208,6 +209,7 @@ void flash_decode(const Problem& p) {
         for (int c = 0; c < d; ++c) o[c] += w * ps[2 + c];
       }
       normalise_row(o, o, l, d);
+      if (p.lse) p.lse[bh * nq + i] = (m + std::log2(l)) * float(M_LN2);  // log Σ_j e^(s_ij)
     }
   });
 }

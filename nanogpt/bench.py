@@ -365,7 +365,7 @@ def bench_backward(shapes=TRAIN_SHAPES, causal=True, repeat=7, variant="flash", 
     (S, dP, dV, dK, dQ), 10·d flops per visible query–key pair."""
     from nanogpt.reference import compare_gradients
 
-    print(format_info())
+    print(header())
     print(f"verifying {variant}'s gradients against the float64 reference first ...")
     all_ok = True
     for (B, H, N, d), c in [((2, 3, 77, 16), False), ((1, 2, 300, 32), True), ((1, 1, 129, 64), True),

@@ -118,7 +118,8 @@ def compare_gradients(grads, q, k, v, dout, causal: bool = False, scale: float |
     eps = torch.finfo(torch.float32).eps
     scale_ = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
     nonempty = q.numel() and k.numel()
-    score_err = eps * abs(scale_) * (q.double().abs() @ k.double().abs().transpose(-2, -1)).max().item() if nonempty else 0.0
+    kr = repeat_kv(q, k, k)[0]  # grouped kv heads: each query head's keys
+    score_err = eps * abs(scale_) * (q.double().abs() @ kr.double().abs().transpose(-2, -1)).max().item() if nonempty else 0.0
     result = []
     for name, ours, ex, t32 in zip(("dq", "dk", "dv"), grads, exact, torch32):
         if ours.numel() == 0:

@@ -333,3 +333,22 @@ def test_compiled_training_step(ext):
     sdpa_model.load_state_dict(init)
     _, loss = sdpa_model(idx, targets)
     assert loss.item() == pytest.approx(results[0][0], rel=1e-5)  # and flash is SDPA's math
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("H,Hk,Nq,Nk", [(4, 1, 33, 33), (6, 2, 5, 40), (6, 3, 1, 17)])
+def test_grouped_query_attention_gradients(ext, variant, H, Hk, Nq, Nk):
+    """enable_gqa under autograd: dk and dv of a kv head sum its query heads' gradients."""
+    g = torch.Generator().manual_seed(H * Nk)
+    q = torch.randn(2, H, Nq, 16, generator=g)
+    k, v = (torch.randn(2, Hk, Nk, 16, generator=g) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g)
+    got = grads(ext, q, k, v, dout, variant=variant, causal=True, enable_gqa=True)
+    assert [t.shape for t in got] == [q.shape, k.shape, v.shape]
+    for name, ok, err, bound in compare_gradients(got, q, k, v, dout, True, None):
+        assert ok, f"{variant} {name}: max error {err:.3g} > bound {bound:.3g}"
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]  # the plain op differentiated directly
+    out = torch.ops.nanogpt.attention(*ins, variant, True, None, 0, 0, True)
+    direct = torch.autograd.grad(out, ins, dout)
+    for a, b in zip(direct, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
