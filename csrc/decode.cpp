@@ -92,13 +92,18 @@ void dot_keys(const float* q, const float* K, int64_t ldk, int d, float* s, int6
   const int full = d / kW * kW, rem = d - full;
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
-    vw acc[kW];
-    for (int r = 0; r < kW; ++r) {
-      const float* k = K + (j + r) * ldk;
-      vw a = {};
-      for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
-      if (rem) a += wload_part(k + full, rem) * wload(q + full);
-      acc[r] = a;
+    // kW keys at once, c outermost: kW independent accumulators, one q vector per step
+    const float* k0 = K + j * ldk;
+    vw acc[kW] = {};
+    for (int c = 0; c < full; c += kW) {
+      const vw qv = wload(q + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < kW; ++r) acc[r] += wload(k0 + r * ldk + c) * qv;
+    }
+    if (rem) {
+      const vw qv = wload(q + full);
+#pragma GCC unroll 16
+      for (int r = 0; r < kW; ++r) acc[r] += wload_part(k0 + r * ldk + full, rem) * qv;
     }
     wstore(s + j, lane_sums(acc));
   }
