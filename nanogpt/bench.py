@@ -381,10 +381,10 @@ def bench_backward(shapes=TRAIN_SHAPES, causal=True, repeat=7, variant="flash", 
         return False
     print(f"all match. timing forward + backward, causal={causal}: median of {repeat}, {variant} and SDPA "
           "interleaved in one loop\n")
-    header = (f"{'shape':<20}{'sdpa ms':>9}{variant + ' ms':>10}{'xSDPA':>7}{'bwd ms':>9}{'bwd GFLOP/s':>13}"
+    title = (f"{'shape':<20}{'sdpa ms':>9}{variant + ' ms':>10}{'xSDPA':>7}{'bwd ms':>9}{'bwd GFLOP/s':>13}"
               f"{'sdpa bwd ms':>13}{'GFLOP/s':>9}")
-    print(header)
-    print("-" * len(header))
+    print(title)
+    print("-" * len(title))
     rows = []
     for (B, H, N, d) in shapes:
         q, k, v = (t.requires_grad_() for t in random_qkv(B, H, N, d))
