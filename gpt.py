@@ -63,7 +63,9 @@ def add_shape(p, tiles: bool):
 def add_part(sub, name, variant, help_text):
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(command=name, variant=variant)
-    g = add_shape(p, tiles=name != "part0")
+    import nanogpt
+
+    g = add_shape(p, tiles=variant in nanogpt.extension().tiled())  # -br/-bc only where the kernel reads them
     g.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
     g.add_argument("--repeat", type=positive, default=None, help="timed repetitions, median kept (default 9)")
     inf = p.add_argument_group("inference (with --inference only)")

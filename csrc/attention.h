@@ -67,6 +67,7 @@ struct Variant {
   const char* adds;   // the optimisation this variant adds over the previous one
   Backward backward;  // the backward this variant trains with (its own or another's)
   bool keeps_lse;     // its forward writes Problem::lse and its backward reads it
+  bool tiled;         // it reads Problem::br and bc (tile sizes); the others ignore them
 };
 
 // The dispatch table: nanogpt.VARIANTS, and so the CLI, tests and benchmarks, read it.

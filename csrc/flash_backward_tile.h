@@ -28,47 +28,14 @@
 
 namespace nanogpt::cpp {
 
-// Out[c, 0:16·NV] += Σ_{r < rows} Pt[c, r]·X[r, 0:16·NV] for R keys: dV += Pᵀ·dO, dK += dSᵀ·Q.
-template <int R, int NV>
-inline void key_block(const float* Pt, int ldp, const float* X, int64_t ldx, float* Out, int ldo, int rows) {
-  vf acc[R][NV];
-  for (int c = 0; c < R; ++c)
-    for (int v = 0; v < NV; ++v) acc[c][v] = vload(Out + c * ldo + v * kLanes);
-  for (int r = 0; r < rows; ++r) {
-    vf xv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) xv[v] = vload(X + r * ldx + v * kLanes);
-#pragma GCC unroll 8
-    for (int c = 0; c < R; ++c) {
-      const vf pc = vsplat(Pt[c * ldp + r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[c][v] += pc * xv[v];
-    }
+// pv_block<R, nv, true> for nv in 1..kMaxVecs: P read as Pt[key, query].
+#define NANOGPT_BY_WIDTH_P(nv, R, ...)                   \
+  switch (nv) {                                          \
+    case 1: pv_block<R, 1, true>(__VA_ARGS__); break;    \
+    case 2: pv_block<R, 2, true>(__VA_ARGS__); break;    \
+    case 3: pv_block<R, 3, true>(__VA_ARGS__); break;    \
+    default: pv_block<R, 4, true>(__VA_ARGS__); break;   \
   }
-  for (int c = 0; c < R; ++c)
-    for (int v = 0; v < NV; ++v) vstore(Out + c * ldo + v * kLanes, acc[c][v]);
-}
-
-// Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
-#define NANOGPT_BY_WIDTH(nv, block, R, ...)       \
-  switch (nv) {                                   \
-    case 1: block<R, 1>(__VA_ARGS__); break;      \
-    case 2: block<R, 2>(__VA_ARGS__); break;      \
-    case 3: block<R, 3>(__VA_ARGS__); break;      \
-    default: block<R, 4>(__VA_ARGS__); break;     \
-  }
-
-// Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq): the forward's score kernel.
-inline void keys_by_queries(const float* A, int64_t lda, const float* Bt, float* Out, int nq, int cols, int d) {
-  for (int i = 0; i < nq; i += kPanel) {
-    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
-    int j = 0;
-    for (; j + kKeys <= cols; j += kKeys)
-      NANOGPT_BY_WIDTH(nv, score_block, kKeys, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
-    for (; j < cols; ++j)
-      NANOGPT_BY_WIDTH(nv, score_block, 1, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
-  }
-}
 
 // Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`.
 inline void accumulate_keys(const float* Pt, int nq, const float* X, int64_t ldx, float* Out, int dp, int rows,
@@ -77,11 +44,11 @@ inline void accumulate_keys(const float* Pt, int nq, const float* X, int64_t ldx
     const int nv = std::min(kMaxVecs, (dp - f) / kLanes);
     int c = 0;
     if (nv == kMaxVecs)  // 4×4 accumulators; narrower panels take 8 keys at a time
-      for (; c + 4 <= cols; c += 4) key_block<4, 4>(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+      for (; c + 4 <= cols; c += 4) pv_block<4, 4, true>(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
     else
       for (; c + 8 <= cols; c += 8)
-        NANOGPT_BY_WIDTH(nv, key_block, 8, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-    for (; c < cols; ++c) NANOGPT_BY_WIDTH(nv, key_block, 1, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+        NANOGPT_BY_WIDTH_P(nv, 8, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+    for (; c < cols; ++c) NANOGPT_BY_WIDTH_P(nv, 1, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
   }
 }
 
@@ -122,6 +89,6 @@ inline void flash_backward_tile(const float* Qt, const float* Q, int64_t ldq, co
   }
 }
 
-#undef NANOGPT_BY_WIDTH
+#undef NANOGPT_BY_WIDTH_P
 
 }  // namespace nanogpt::cpp

@@ -45,8 +45,9 @@ inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, f
     for (int v = 0; v < NV; ++v) vstore(St + r * lds + v * kLanes, acc[r][v]);
 }
 
-// O[r, 0:16·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:16·NV] for R queries.
-template <int R, int NV>
+// O[r, 0:16·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:16·NV] for R queries. kPRows: P is read the other
+// way, Pt[r, j] (the backward's dV += Pᵀ·dO and dK += dSᵀ·Q, whose output rows are keys).
+template <int R, int NV, bool kPRows = false>
 inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, float* O, int ldo, int cols) {
   vf acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -57,7 +58,7 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
     for (int v = 0; v < NV; ++v) vv[v] = vload(V + j * ldv + v * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf pr = vsplat(Pt[j * ldp + r]);
+      const vf pr = vsplat(kPRows ? Pt[r * ldp + j] : Pt[j * ldp + r]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += pr * vv[v];
     }
@@ -75,20 +76,26 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
     default: block<R, 4>(__VA_ARGS__); break;     \
   }
 
+// Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq): the score kernel, panels of
+// kPanel queries (Bt's panel stays in L1), blocks of kKeys rows of A (1-row tail).
+inline void keys_by_queries(const float* A, int64_t lda, const float* Bt, float* Out, int nq, int cols, int d) {
+  for (int i = 0; i < nq; i += kPanel) {
+    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
+    int j = 0;
+    for (; j + kKeys <= cols; j += kKeys)
+      NANOGPT_BY_WIDTH(nv, score_block, kKeys, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+    for (; j < cols; ++j)
+      NANOGPT_BY_WIDTH(nv, score_block, 1, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+  }
+}
+
 inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float* V, int64_t ldv,
                        float* St, float* O, float* m, float* l, float* tmp, int rows, int cols,
                        int d, int dp, int diag) {
   const int nq = int(round_up(rows, kLanes));
 
-  // 1. St = K·Qt: panels of kPanel queries (Qᵀ panel in L1), blocks of kKeys keys (1-key tail).
-  for (int i = 0; i < nq; i += kPanel) {
-    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
-    int j = 0;
-    for (; j + kKeys <= cols; j += kKeys)
-      NANOGPT_BY_WIDTH(nv, score_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d);
-    for (; j < cols; ++j)
-      NANOGPT_BY_WIDTH(nv, score_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d);
-  }
+  // 1. St = K·Qt.
+  keys_by_queries(K, ldk, Qt, St, nq, cols, d);
 
   // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
   for (int j = std::max(0, diag); j < cols; ++j)
@@ -134,6 +141,5 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
   }
 }
 
-#undef NANOGPT_BY_WIDTH
 
 }  // namespace nanogpt::cpp

@@ -17,13 +17,14 @@ namespace nanogpt {
 // blocked and fused train with naive's backward (the materialised N×N one): only naive and
 // flash have backward passes of their own.
 const Variant kVariants[] = {
-    {"naive", naive_attention, "materialises S = QKᵀ (N×N), row softmax, O = PV", naive_attention_backward, false},
+    {"naive", naive_attention, "materialises S = QKᵀ (N×N), row softmax, O = PV", naive_attention_backward, false,
+     false},
     {"blocked", blocked_attention, "tiles both matmuls (8×8 by default); softmax still a separate N×N pass",
-     naive_attention_backward, false},
+     naive_attention_backward, false, true},
     {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; threads over (batch, head, row)",
-     naive_attention_backward, false},
+     naive_attention_backward, false, false},
     {"flash", flash_attention, "Br×Bc tiles, running max and sum, register-blocked SIMD tile; O(N) memory",
-     flash_attention_backward, true},
+     flash_attention_backward, true, true},
 };
 
 const Variant* find_variant(const std::string& name) {
@@ -190,6 +191,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
+  m.def("tiled", [] {
+    std::vector<std::string> out;
+    for (const Variant& v : kVariants)
+      if (v.tiled) out.emplace_back(v.name);
+    return out;
+  }, "the variants that take tile sizes (br, bc)");
   m.def("training", [] {
     std::vector<std::tuple<std::string, std::string, bool>> out;
     for (const Variant& v : kVariants) {

@@ -78,3 +78,14 @@ def course_args(entry, Q, K, V, B, H, N, d, br=256, bc=256, bad=None):
 def course_call(module, entry, Q, K, V, B, H, N, d, **scratch):
     """module.entry(...) with course_args's arguments (entry: a name in COURSE)."""
     return getattr(module, entry)(*course_args(entry, Q, K, V, B, H, N, d, **scratch))
+
+
+# The awkward shapes every variant's forward and backward are checked on: (B, H, Nq, Nk, d)
+SHAPES = [
+    (1, 1, 1, 1, 1), (1, 1, 2, 2, 2), (2, 3, 7, 7, 5), (1, 2, 63, 63, 32), (1, 2, 64, 64, 64),
+    (2, 1, 65, 65, 33), (1, 1, 127, 127, 128), (1, 2, 1000, 1000, 16), (1, 1, 1024, 1024, 32),
+    (1, 2, 7, 65, 24),  # Nq < Nk: a KV-cache prefix
+    (1, 1, 1, 127, 32),  # one new query against cached keys
+    (1, 2, 65, 7, 8),  # Nq > Nk: with causal, the first rows see no key
+    (3, 2, 17, 17, 127),
+]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nanogpt
-from conftest import qkv
+from conftest import SHAPES, qkv
 from nanogpt.reference import compare_to_sdpa
 
 VARIANTS = nanogpt.VARIANTS  # the dispatch table, read at collection (builds or loads the extension)
@@ -28,16 +28,6 @@ def check(nanogpt, q, k, v, variant, causal=False, scale=None, **tiles):
 def test_variants_come_from_the_dispatch_table(ext):
     assert [name for name, _ in ext.extension().variants()] == list(ext.VARIANTS)
     assert ext.VARIANTS[:4] == ("naive", "blocked", "fused", "flash")  # the course's ladder: part1..part4
-
-
-SHAPES = [  # (B, H, Nq, Nk, d)
-    (1, 1, 1, 1, 1), (1, 1, 2, 2, 2), (2, 3, 7, 7, 5), (1, 2, 63, 63, 32), (1, 2, 64, 64, 64),
-    (2, 1, 65, 65, 33), (1, 1, 127, 127, 128), (1, 2, 1000, 1000, 16), (1, 1, 1024, 1024, 32),
-    (1, 2, 7, 65, 24),  # Nq < Nk: a KV-cache prefix
-    (1, 1, 1, 127, 32),  # one new query against cached keys
-    (1, 2, 65, 7, 8),  # Nq > Nk: with causal, the first rows see no key
-    (3, 2, 17, 17, 127),
-]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanogpt  # nanogpt.VARIANTS: the dispatch table, read at collection
+from conftest import SHAPES
 from nanogpt.reference import compare_gradients
 
 VARIANTS = nanogpt.VARIANTS
@@ -48,16 +49,6 @@ def check(ext, q, k, v, variant, causal=False, scale=None, dout=None, **tiles):
     for name, ok, err, bound in compare_gradients(g, q, k, v, dout, causal, scale):
         assert ok, f"{variant} {name}: max error {err:.3g} > bound {bound:.3g} (4x torch's float32 error)"
     return g
-
-
-SHAPES = [  # (B, H, Nq, Nk, d): the forward tests' awkward shapes
-    (1, 1, 1, 1, 1), (1, 1, 2, 2, 2), (2, 3, 7, 7, 5), (1, 2, 63, 63, 32), (1, 2, 64, 64, 64),
-    (2, 1, 65, 65, 33), (1, 1, 127, 127, 128), (1, 1, 600, 600, 16),
-    (1, 2, 7, 65, 24),  # Nq < Nk: a KV-cache prefix
-    (1, 1, 1, 127, 32),  # one new query against cached keys
-    (1, 2, 65, 7, 8),  # Nq > Nk: with causal, the first rows see no key
-    (3, 2, 17, 17, 127),
-]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -341,3 +341,14 @@ def test_bench_decode_runs(ext, capsys):
     assert bench.bench_decode(shapes=[(1, 2, 1, 40, 8), (1, 2, 3, 600, 16)], repeat=1)
     out = capsys.readouterr().out
     assert "B1 H2 Nq3 Nk600 d16" in out and "'decode' path" in out
+
+
+def test_tile_flags_only_where_the_kernel_reads_them(ext):
+    tiled = set(ext.extension().tiled())
+    assert "flash" in tiled and "blocked" in tiled and "naive" not in tiled
+    for name, variant, _ in gpt.part_names():
+        if variant in tiled:
+            assert gpt.parse_args([name, "-br", "8", "-bc", "16"]).br == 8
+        else:
+            with pytest.raises(SystemExit):
+                gpt.parse_args([name, "-br", "8"])
