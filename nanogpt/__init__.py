@@ -199,7 +199,8 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
         # take k and v with H heads: grouped kv heads are repeated (autograd sums their gradients).
         k, v = repeat_kv(q, k, v) if enable_gqa else (k, v)
         return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
-    return torch.ops.nanogpt.attention(q, k, v, variant, causal, scale, br, bc, enable_gqa)  # inference: no LSE
+    # inference: no LSE. The overload itself, not the packet: resolving it costs microseconds per call.
+    return torch.ops.nanogpt.attention.default(q, k, v, variant, causal, scale, br, bc, enable_gqa)
 
 
 def build_info() -> dict:
