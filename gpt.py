@@ -108,7 +108,8 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
     mask = b.add_mutually_exclusive_group()
     mask.add_argument("--causal", dest="mask", action="store_const", const="causal", help="causal masks only")
     mask.add_argument("--non-causal", dest="mask", action="store_const", const="none", help="no masks only")
-    b.add_argument("--repeat", type=positive, default=7, help="timed repetitions, median kept (default 7)")
+    b.add_argument("--repeat", type=positive, default=None,
+                   help="timed repetitions, median kept (default 7; --decode 15, --backward 7)")
     b.add_argument("--variants", default=None, help="comma-separated variants (default: the whole dispatch table)")
     b.add_argument("--json", default=None, help="save the table to this JSON file")
     kind = b.add_mutually_exclusive_group()
@@ -171,12 +172,13 @@ def check(p: argparse.ArgumentParser, args) -> None:
             if given:
                 sub.error(f"{', '.join(given)}: options of text generation: add --inference")
             args.repeat = args.repeat or 9
-    args.shape_given = any(getattr(args, name) is not None for name in SHAPE)
+    given_shape = [f"-{name}" for name in SHAPE if getattr(args, name) is not None]
+    args.shape_given = bool(given_shape)
     for name, default in SHAPE.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.command == "bench" and (args.decode or args.backward):
-        given = [f"-{n}" for n in SHAPE if args.shape_given and getattr(args, n) != SHAPE[n]]
+        given = list(given_shape)
         given += [flag for flag, on in (("--variants", args.variants), ("--json", args.json and args.decode),
                                         ("--causal/--non-causal", args.mask)) if on]
         if given:
@@ -226,13 +228,13 @@ def main(argv=None) -> int:
     from nanogpt import bench
 
     if args.command == "bench" and args.decode:
-        return 0 if bench.bench_decode(repeat=args.repeat) else 1
+        return 0 if bench.bench_decode(repeat=args.repeat or 15) else 1
     if args.command == "bench" and args.backward:
-        return 0 if bench.bench_backward(repeat=args.repeat, json_path=args.json) else 1
+        return 0 if bench.bench_backward(repeat=args.repeat or 7, json_path=args.json) else 1
     if args.command == "bench":
         shapes = [(args.B, args.H, args.N, args.d)] if args.shape_given else bench.BENCH_SHAPES
         causals = {"causal": (True,), "none": (False,), None: (False, True)}[args.mask]
-        return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat, json_path=args.json) else 1
+        return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat or 7, json_path=args.json) else 1
     if args.command == "sweep":
         result = bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat, png=args.png)
         if args.save:

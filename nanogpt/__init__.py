@@ -42,10 +42,6 @@ def extension():
 
             ext = _build.load()
             _source = "jit"
-        _ext = ext
-        from nanogpt import tuning as _tune
-
-        _tune.apply(ext, _tune.load())  # this CPU's measured tiles, if nanogpt.tune() ran here
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
         torch.library.register_fake("nanogpt::attention_lse")(_attention_lse_fake)
         torch.library.register_fake("nanogpt::attention_backward")(_attention_backward_fake)
@@ -53,7 +49,22 @@ def extension():
         torch.library.register_autograd("nanogpt::attention", _recomputing_backward, setup_context=_plain_context)
         torch.library.register_autograd("nanogpt::attention_backward", _no_double_backward,
                                         setup_context=_no_context)
+        _ext = ext
+        _apply_tuning(ext)
     return _ext
+
+
+def _apply_tuning(ext):
+    """This CPU's measured tiles, if nanogpt.tune() ran here; a bad tuning file is reported and
+    the cache model used instead (it never stops the kernels from loading)."""
+    import warnings
+
+    from nanogpt import tuning
+
+    try:
+        tuning.apply(ext, tuning.load())
+    except (ValueError, RuntimeError) as err:
+        warnings.warn(f"nanogpt: tuned tiles not applied, using the cache model: {err}", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,6 +208,9 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         # training: the forward that keeps the LSE, whose backward is the variant's own. Its ops
         # take k and v with H heads: grouped kv heads are repeated (autograd sums their gradients).
+        if enable_gqa and not (k.shape[1] == q.shape[1] or (k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)):
+            raise ValueError(f"k must have shape (B, Hk, Nk, d) with Hk dividing H (enable_gqa=True), "
+                             f"with H={q.shape[1]} from q, got {tuple(k.shape)}")
         k, v = repeat_kv(q, k, v) if enable_gqa else (k, v)
         return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
     # inference: no LSE. The overload itself, not the packet: resolving it costs microseconds per call.

@@ -343,3 +343,10 @@ def test_grouped_query_attention_gradients(ext, variant, H, Hk, Nq, Nk):
     direct = torch.autograd.grad(out, ins, dout)
     for a, b in zip(direct, got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_attention_error_under_autograd(ext):
+    q = torch.randn(1, 6, 5, 8, requires_grad=True)
+    k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"^k must have shape \(B, Hk, Nk, d\) with Hk dividing H"):
+        ext.attention(q, k, v, enable_gqa=True)

@@ -330,8 +330,8 @@ def test_bench_decode_flag():
 
     args = gpt.parse_args(["bench", "--decode", "--repeat", "3"])
     assert args.decode and args.repeat == 3
-    for extra in (["-N", "512"], ["--variants", "flash"], ["--json", "x.json"], ["--causal"]):
-        with pytest.raises(SystemExit):
+    for extra in (["-N", "512"], ["-N", "1024"], ["-H", "4"], ["--variants", "flash"], ["--json", "x.json"], ["--causal"]):
+        with pytest.raises(SystemExit):  # refused even when the value is the default
             gpt.parse_args(["bench", "--decode", *extra])
 
 

@@ -67,3 +67,15 @@ def test_tuning_file_is_per_cpu(monkeypatch, tmp_path):
     from nanogpt import _build
 
     assert tuning.tuning_path() == tmp_path / f"tiles-{_build.cpu_key()}.json"
+
+
+def test_bad_tuning_file_warns_and_keeps_the_model(restore_tiles, tmp_path, monkeypatch):
+    import nanogpt
+
+    monkeypatch.setenv("NANOGPT_BUILD_DIR", str(tmp_path))
+    tuning.tuning_path().write_text(json.dumps({"rules": {"32": [0, 64]}}))  # br = 0: refused by the extension
+    with pytest.warns(UserWarning, match="tuned tiles not applied"):
+        nanogpt._apply_tuning(restore_tiles)
+    tuning.tuning_path().write_text("{broken")
+    with pytest.warns(UserWarning, match="tiles-"):
+        nanogpt._apply_tuning(restore_tiles)

@@ -1,6 +1,6 @@
 """The attention op and the KV cache shared by the models. The op is chosen by name:
 
-  "torch"    torch's SDPA (the only choice with a backward, so training uses it)
+  "torch"    torch's SDPA (the training default; every choice has a backward)
   "manual"   plain torch ops, softmax(QKᵀ/√hs + causal mask)V (the course's reference path)
   any name in nanogpt.VARIANTS: the C++/ISPC kernel's output is what the model uses.
 
