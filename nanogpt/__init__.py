@@ -45,6 +45,7 @@ def extension():
         torch.library.register_fake("nanogpt::attention")(_attention_fake)
         torch.library.register_fake("nanogpt::attention_lse")(_attention_lse_fake)
         torch.library.register_fake("nanogpt::attention_backward")(_attention_backward_fake)
+        torch.library.register_fake("nanogpt::linear")(_linear_fake)
         torch.library.register_autograd("nanogpt::attention_lse", _lse_backward, setup_context=_lse_context)
         torch.library.register_autograd("nanogpt::attention", _recomputing_backward, setup_context=_plain_context)
         torch.library.register_autograd("nanogpt::attention_backward", _no_double_backward,
@@ -116,6 +117,11 @@ def _no_context(ctx, inputs, output):
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("nanogpt.attention has no double backward (the gradient of its gradient); "
                               "use torch.nn.functional.scaled_dot_product_attention for that")
+
+
+def _linear_fake(x, weight, bias=None):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"x's last dimension must be weight's in_features {weight.shape[1]}")
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _lse_rows(variant, nq):

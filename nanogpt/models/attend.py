@@ -10,6 +10,8 @@ is what a KV-cache decoding step (Tq=1, Tk=cached+1) needs.
 import time
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from nanogpt.reference import attention_reference, sdpa
 
@@ -79,8 +81,26 @@ class TimedAttention:
         return y
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) that, with `kernels` on and no gradient wanted,
+    runs nanogpt::linear: a decoding step's few rows against the weight, its rows split over the
+    threads (torch's matrix-vector product uses one). Prefill and training stay F.linear."""
+
+    kernels = False
+
+    def forward(self, x):
+        if self.kernels and not torch.is_grad_enabled():
+            return _linear_op(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _linear_op(x, weight, bias):
+    return torch.ops.nanogpt.linear.default(x, weight, bias)  # more than 4 rows: at::linear inside
+
+
 class AttentionChoice:
-    """Mixin for a model (an nn.Module with a .config.attention) whose layers are TimedAttention."""
+    """Mixin for a model (an nn.Module with a .config.attention) whose layers are TimedAttention
+    and whose projections are Linear."""
 
     def _attention_layers(self):
         return [m for m in self.modules() if isinstance(m, TimedAttention)]
@@ -91,6 +111,9 @@ class AttentionChoice:
         self.config.attention = attention
         for m in self._attention_layers():
             m.attention = attention
+        for m in self.modules():  # our kernels own the decoding step's projections too
+            if isinstance(m, Linear):
+                m.kernels = attention not in ("torch", "manual")
 
     def set_attention_timing(self, on):
         for m in self._attention_layers():

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.models.attend import AttentionChoice, TimedAttention, check_attention
+from nanogpt.models.attend import AttentionChoice, Linear, TimedAttention, check_attention
 from nanogpt.models.attend import KVCache as SharedKVCache
 
 
@@ -75,8 +75,8 @@ class CausalSelfAttention(TimedAttention, nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -109,9 +109,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -150,7 +150,7 @@ class GPT(AttentionChoice, nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output projection is the token embedding matrix
         self.transformer.wte.weight = self.lm_head.weight
 
@@ -159,6 +159,7 @@ class GPT(AttentionChoice, nn.Module):
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_attention(config.attention)  # every layer's op and projections
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; non_embedding leaves out the position embeddings (the token embeddings

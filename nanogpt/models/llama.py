@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.models.attend import AttentionChoice, KVCache, TimedAttention, check_attention
+from nanogpt.models.attend import AttentionChoice, KVCache, Linear, TimedAttention, check_attention
 
 
 @dataclass
@@ -99,15 +99,15 @@ class Attention(TimedAttention, nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_size = config.n_heads, config.n_kv_heads, config.head_size
         # rows: wq (n_heads·hs), then wk and wv (n_kv_heads·hs each)
-        self.wqkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_size, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_size, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_size, bias=False)
+        self.wo = Linear(config.n_heads * config.head_size, config.dim, bias=False)
         self.attention = config.attention
         self.layer_idx = layer_idx
 
     def forward(self, x, freqs, kv_cache=None):
         B, T, _ = x.shape
         H, Hk, hs = self.n_heads, self.n_kv_heads, self.head_size
-        qkv = F.linear(x, self.wqkv.weight)  # (B, T, (H + 2Hk)·hs)
+        qkv = self.wqkv(x)  # (B, T, (H + 2Hk)·hs)
         qk = apply_rope(qkv[..., :(H + Hk) * hs].view(B, T, H + Hk, hs // 2, 2), freqs)  # q and k heads at once
         qk = qk.view(B, T, H + Hk, hs)  # the fresh (contiguous) output of the rotation
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hs)
@@ -117,7 +117,7 @@ class Attention(TimedAttention, nn.Module):
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, Hk, Tk, hs), Tk = cached + T
         y = self.timed_attend(q, k, v)  # (B, H, T, hs), causal bottom-right
         y = y.transpose(1, 2).reshape(B, T, H * hs)  # a view when T == 1
-        return F.linear(y, self.wo.weight)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
@@ -125,12 +125,12 @@ class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.hidden_dim = config.hidden_dim
-        self.w13 = nn.Linear(config.dim, 2 * config.hidden_dim, bias=False)  # rows: w1 (gate), then w3 (up)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w13 = Linear(config.dim, 2 * config.hidden_dim, bias=False)  # rows: w1 (gate), then w3 (up)
+        self.w2 = Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.w13.weight).split(self.hidden_dim, dim=-1)  # (B, T, hidden) each
-        return F.linear(F.silu(gate) * up, self.w2.weight)
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -158,7 +158,7 @@ class Llama(AttentionChoice, nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layers)])
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # not a parameter and not saved: a function of the config
@@ -168,6 +168,7 @@ class Llama(AttentionChoice, nn.Module):
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 torch.nn.init.normal_(p, mean=0.0, std=std)
+        self.set_attention(config.attention)  # every layer's op and projections
 
     @property
     def context_length(self):
@@ -192,6 +193,6 @@ class Llama(AttentionChoice, nn.Module):
         if kv_cache is not None:
             kv_cache.length += T  # every layer has appended its T new keys/values
         if targets is None:
-            return F.linear(self.norm(x[:, -1:]), self.output.weight), None  # (B, 1, vocab)
-        logits = F.linear(self.norm(x), self.output.weight)  # (B, T, vocab)
+            return self.output(self.norm(x[:, -1:])), None  # (B, 1, vocab)
+        logits = self.output(self.norm(x))  # (B, T, vocab)
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

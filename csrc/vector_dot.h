@@ -1,0 +1,111 @@
+// Native-width float vectors (one ymm with AVX2, one zmm with AVX-512) and the dot products
+// of one vector against many rows, vectorised along the rows' length and reduced kW rows at a
+// time: the decode path's scores (a query against keys) and nanogpt::linear (an input against
+// weight rows) are the same product.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace nanogpt {
+
+#ifdef __AVX512F__
+constexpr int kW = 16;  // floats per native vector
+#else
+constexpr int kW = 8;
+#endif
+typedef float vw __attribute__((vector_size(kW * sizeof(float))));
+
+inline vw wload(const float* p) {
+  vw v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void wstore(float* p, vw v) { std::memcpy(p, &v, sizeof v); }
+// n < kW floats, the rest zero, without reading past p[n-1] (a masked load: no call, so the
+// accumulators of the loops that use it stay in registers).
+inline vw wload_part(const float* p, int n) {
+#if defined(__AVX512F__)
+  return (vw)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return (vw)_mm256_maskload_ps(p, mask);
+#else
+  vw v = {};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+// out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
+// levels of pairwise shuffles instead of kW separate horizontal sums.
+inline vw lane_sums(vw* a) {
+#if defined(__AVX512F__)
+  for (int i = 0; i < 8; ++i) {  // 16 vectors → 8: lane pairs
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  // a[0] holds halves of the sums of vectors 0-7 (lanes 0-7 and 8-15), a[1] of vectors 8-15
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#else
+  for (int i = 0; i < 4; ++i) {  // 8 vectors → 4: lane pairs
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const vw x = a[2 * i], y = a[2 * i + 1];
+    a[i] = __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#endif
+}
+
+// s[j] = Σ_c q[c]·K[j, c] for j in [0, n): one vector against n rows (a query against keys, or
+// a weight matrix against an input). q is zero-padded to a multiple of kW, K rows have stride
+// ldk and d valid floats (the tail vector of a row is loaded partially: no over-read).
+inline void dot_rows(const float* q, const float* K, int64_t ldk, int d, float* s, int64_t n) {
+  const int full = d / kW * kW, rem = d - full;
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    // kW rows at once, c outermost: kW independent accumulators, one q vector per step
+    const float* k0 = K + j * ldk;
+    vw acc[kW] = {};
+    for (int c = 0; c < full; c += kW) {
+      const vw qv = wload(q + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < kW; ++r) acc[r] += wload(k0 + r * ldk + c) * qv;
+    }
+    if (rem) {
+      const vw qv = wload(q + full);
+#pragma GCC unroll 16
+      for (int r = 0; r < kW; ++r) acc[r] += wload_part(k0 + r * ldk + full, rem) * qv;
+    }
+    wstore(s + j, lane_sums(acc));
+  }
+  for (; j < n; ++j) {  // the last n % kW rows, one horizontal sum each
+    const float* k = K + j * ldk;
+    vw a = {};
+    for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
+    if (rem) a += wload_part(k + full, rem) * wload(q + full);
+    float t = 0.f;
+    for (int i = 0; i < kW; ++i) t += a[i];
+    s[j] = t;
+  }
+}
+
+}  // namespace nanogpt
