@@ -104,6 +104,11 @@ std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t 
 std::pair<int64_t, int64_t> flash_model_tiles(int64_t Nq, int64_t d);
 void set_tuned_tiles(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& rules);
 
+// y[m, n] = b[n] + Σ_k x[m, k]·W[n, k] for m < M, n < N: x rows of K floats zero-padded to
+// round_up(K, kW) (vector_dot.h), W (N, K) contiguous, b null or N floats, y rows of N floats.
+// The decoding step's matrix-vector products, W's rows split over the threads (linear.cpp).
+void project(const float* x_padded, int64_t M, const float* W, int64_t N, int64_t K, const float* b, float* y);
+
 // Validates the arguments (errors name them) and runs one variant; returns (B, H, Nq, d).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      c10::string_view variant, bool causal, std::optional<double> scale,

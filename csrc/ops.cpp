@@ -176,6 +176,7 @@ TORCH_LIBRARY_IMPL(nanogpt, CPU, m) {
 
 void add_course_entry_points(pybind11::module_& m);  // course.cpp
 void add_peak_entry_points(pybind11::module_& m);    // peak.cpp
+void add_decode_model(pybind11::module_& m);         // decode_model.cpp
 
 }  // namespace nanogpt
 
@@ -230,4 +231,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "what this binary was compiled with");
   add_course_entry_points(m);
   add_peak_entry_points(m);
+  add_decode_model(m);
 }

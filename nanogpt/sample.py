@@ -68,6 +68,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     stopped = torch.zeros(B, dtype=torch.bool)
     stop_set = set(stop_ids)
     cache = model.new_kv_cache(B) if kv_cache else None
+    decoder = model.decoder(cache) if cache is not None else None  # C++ steps (kernel attentions)
     n_crops, t = 0, T0  # t: tokens so far
     for _ in range(max_new_tokens):
         cropped = t > block
@@ -78,6 +79,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         elif cropped or cache.length == 0:
             cache.reset()  # prefill (the prompt, or the cropped window at positions 0..)
             logits, _ = model(window, kv_cache=cache)
+        elif decoder is not None and t - cache.length == 1:  # one new token: the whole step in C++
+            logits = decoder.step(out[:, cache.length], cache.length)[:, None, :]
+            cache.length += 1
         else:
             logits, _ = model(out[:, cache.length:t], kv_cache=cache)  # the new token(s) only
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)

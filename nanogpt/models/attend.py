@@ -119,6 +119,29 @@ class AttentionChoice:
         for m in self._attention_layers():
             m.timing = on
             m.attn_seconds = 0.0
+        if self._decoder is not None:
+            self._decoder.attention_seconds = 0.0
 
     def attention_seconds(self):
-        return sum(m.attn_seconds for m in self._attention_layers())
+        stepped = self._decoder.attention_seconds if self._decoder is not None else 0.0
+        return sum(m.attn_seconds for m in self._attention_layers()) + stepped
+
+    _decoder = None  # the last decoder(): its attention time counts in attention_seconds()
+
+    def decoder(self, cache):
+        """The whole decoding step in C++ (csrc/decode_model.cpp) over this model's weights and
+        `cache`, in place (no copies): .step(tokens (B,), pos) -> logits (B, vocab), appending the
+        tokens' keys and values at pos. None for the plain-PyTorch attentions ("torch", "manual"),
+        whose steps stay Python's."""
+        if self.config.attention in ("torch", "manual"):
+            return None
+        import nanogpt
+
+        def weight(t):  # the parameter's storage itself (contiguous already); empty for an absent bias
+            return torch.empty(0) if t is None else t.detach().contiguous()
+
+        arch, tensors, layers = self._decoder_spec()  # the model's own description of its step
+        self._decoder = nanogpt.extension().DecodeModel(
+            variant=self.config.attention, k_cache=cache.k, v_cache=cache.v, **arch,
+            **{name: weight(t) for name, t in tensors.items()}, layers=[[weight(t) for t in ws] for ws in layers])
+        return self._decoder

@@ -192,6 +192,19 @@ class GPT(AttentionChoice, nn.Module):
         check_dropout(attention, self._attn_dropout(), self.training)
         super().set_attention(attention)
 
+    def _decoder_spec(self):
+        """For AttentionChoice.decoder: (architecture, whole-model tensors, each layer's 12 tensors)
+        in csrc/decode_model.cpp's order; None is an absent bias."""
+        arch = dict(arch="gpt", n_heads=self.config.n_head, n_kv_heads=self.config.n_head, eps=1e-5,
+                    gelu_tanh=self.config.gelu == "tanh")
+        t = self.transformer
+        tensors = dict(tok_emb=t.wte.weight, pos_emb=t.wpe.weight, rope=None, final_w=t.ln_f.weight,
+                       final_b=t.ln_f.bias, classifier=self.lm_head.weight)
+        layers = [[b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                   b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                   b.mlp.c_proj.weight, b.mlp.c_proj.bias] for b in t.h]
+        return arch, tensors, layers
+
     def _attn_dropout(self):
         # the layers' own values: training may set them apart from config.dropout (train.py)
         return max((block.attn.attn_dropout_p for block in self.transformer.h), default=0.0)

@@ -178,6 +178,18 @@ class Llama(AttentionChoice, nn.Module):
         c = self.config
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.max_seq_len, c.head_size)
 
+    def _decoder_spec(self):
+        """For AttentionChoice.decoder: (architecture, whole-model tensors, each layer's 12 tensors)
+        in csrc/decode_model.cpp's order; None is an absent bias (a Llama has none)."""
+        c = self.config
+        arch = dict(arch="llama", n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, eps=c.norm_eps, gelu_tanh=False)
+        tensors = dict(tok_emb=self.tok_embeddings.weight, pos_emb=None, rope=torch.view_as_real(self.freqs),
+                       final_w=self.norm.weight, final_b=None, classifier=self.output.weight)
+        layers = [[b.attention_norm.weight, None, b.attention.wqkv.weight, None, b.attention.wo.weight, None,
+                   b.ffn_norm.weight, None, b.feed_forward.w13.weight, None, b.feed_forward.w2.weight, None]
+                  for b in self.layers]
+        return arch, tensors, layers
+
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids at positions 0..T-1, or with a cache at kv_cache.length.. (their
         keys/values are appended to it). Returns (logits, loss): with targets, logits (B, T, vocab)

@@ -1,0 +1,81 @@
+"""The whole decoding step in C++ (csrc/decode_model.cpp) against the Python models it mirrors:
+logits at every step, for GPT (biases or none, erf or tanh GELU) and Llama (grouped-query or not),
+batches of rows, every variant; and its errors."""
+import pytest
+import torch
+
+from nanogpt.models.gpt import GPT, GPTConfig
+from nanogpt.models.llama import Llama, LlamaConfig
+
+
+def gpt(attention, **kw):
+    cfg = dict(block_size=40, vocab_size=30, n_layer=2, n_head=4, n_embd=36, bias=True, attention=attention)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def llama(attention, **kw):
+    cfg = dict(dim=48, hidden_dim=40, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=30, max_seq_len=40,
+               attention=attention)
+    return Llama(LlamaConfig(**{**cfg, **kw}))
+
+
+MODELS = {
+    "gpt": lambda a: gpt(a),
+    "gpt-tanh-no-bias": lambda a: gpt(a, gelu="tanh", bias=False, n_head=3, n_embd=21),
+    "llama-gqa": lambda a: llama(a),
+    "llama-mha-untied": lambda a: llama(a, n_kv_heads=6, tie_embeddings=False, hidden_dim=37),
+}
+
+
+def sharpened(model, seed):
+    """Weights further from the 0.02-std init, so attention and logits are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_steps_match_the_python_model(ext, name, batch):
+    for variant in ext.VARIANTS:
+        torch.manual_seed(0)
+        model = sharpened(MODELS[name](variant), seed=len(name) + batch)
+        idx = torch.randint(0, 30, (batch, 14))
+        with torch.no_grad():
+            ref_cache, cache = model.new_kv_cache(batch), model.new_kv_cache(batch)
+            model(idx[:, :5], kv_cache=ref_cache)
+            model(idx[:, :5], kv_cache=cache)
+            step = model.decoder(cache)
+            for t in range(5, 14):
+                ref, _ = model(idx[:, t:t + 1], kv_cache=ref_cache)  # the Python model's step
+                got = step.step(idx[:, t], cache.length)
+                cache.length += 1
+                torch.testing.assert_close(got, ref[:, 0], atol=2e-5, rtol=1e-4, msg=f"{variant}, position {t}")
+            for layer in range(len(cache.k)):  # and it left the same keys and values in the cache
+                torch.testing.assert_close(cache.k[layer], ref_cache.k[layer], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(cache.v[layer], ref_cache.v[layer], atol=1e-5, rtol=1e-5)
+        assert step.attention_seconds > 0
+
+
+def test_plain_pytorch_attention_has_no_decoder(ext):
+    model = gpt("torch").eval()
+    assert model.decoder(model.new_kv_cache(1)) is None
+
+
+def test_step_errors_name_the_argument(ext):
+    model = gpt("flash").eval()
+    cache = model.new_kv_cache(2)
+    step = model.decoder(cache)
+    with pytest.raises(ValueError, match="pos must be in"):
+        step.step(torch.tensor([1, 2]), 40)  # the cache holds 40 positions
+    with pytest.raises(ValueError, match="batch"):
+        step.step(torch.tensor([1, 2, 3]), 0)
+    with pytest.raises(ValueError, match="token 30 is outside the vocabulary"):
+        step.step(torch.tensor([1, 30]), 0)
+    with pytest.raises(ValueError, match="tokens must be a 1-D int64 tensor"):
+        step.step(torch.tensor([[1, 2]]), 0)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ext.extension().DecodeModel("gpt", "nope", 4, 4, 1e-5, False, torch.zeros(30, 36), torch.empty(0),
+                                    torch.empty(0), [], torch.ones(36), torch.zeros(36), torch.zeros(30, 36), [], [])
