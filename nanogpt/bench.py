@@ -333,7 +333,7 @@ def decode(variant="flash", threads=None, llama_tokens=255, gpt2_tokens=1023, hf
                 ref.generate(prompt, max_new_tokens=gpt2_tokens, do_sample=False, pad_token_id=0)
         runs[f"transformers GPT-2 generate, {gpt2_tokens} tokens"] = transformers_generate
     tokens = {name: llama_tokens if "Llama" in name else gpt2_tokens for name in runs}
-    print(format_info())
+    print(header())
     print(f"greedy decoding with the KV cache, attention {variant!r}, {torch.get_num_threads()} threads, "
           f"median of {repeat}")
     ms = {}
@@ -349,8 +349,25 @@ def decode(variant="flash", threads=None, llama_tokens=255, gpt2_tokens=1023, hf
     names = list(ms)
     if len(names) == 3:
         print(f"  nanogpt GPT-2 vs transformers: {ms[names[2]] / ms[names[1]]:.2f}x faster")
+    bandwidth = read_bandwidth()
+    for name, model in (names[0], llama), (names[1], gpt2):
+        gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9  # tied weights once
+        print(f"  {name}: {gb * 1e3:.0f} MB of weights per token = {gb / ms[name] * 1e3:.1f} GB/s "
+              f"(measured read bandwidth {bandwidth:.1f} GB/s)")
     return ms
-    return {"best": best, "times": {str(k): v for k, v in t.items()}}
+
+
+def read_bandwidth(megabytes=256, repeat=5) -> float:
+    """GB/s of torch's sum over a buffer far larger than the caches, on torch's threads: the
+    memory read speed a decoding step that streams every weight once can hope for."""
+    buf = torch.ones(megabytes * 2 ** 20 // 4)
+    buf.sum()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
 # ---------------------------------------------------------------------------------------

@@ -79,3 +79,19 @@ def test_step_errors_name_the_argument(ext):
     with pytest.raises(ValueError, match="variant must be one of"):
         ext.extension().DecodeModel("gpt", "nope", 4, 4, 1e-5, False, torch.zeros(30, 36), torch.empty(0),
                                     torch.empty(0), [], torch.ones(36), torch.zeros(36), torch.zeros(30, 36), [], [])
+
+
+def test_attention_time_adds_up_over_samples(ext):
+    """Each generate() builds a new decoder; the model's attention_seconds() keeps the earlier ones'."""
+    model = gpt("flash").eval()
+    model.set_attention_timing(True)
+    with torch.no_grad():
+        for sample in range(2):
+            step = model.decoder(model.new_kv_cache(1))
+            for pos in range(30):
+                step.step(torch.tensor([pos % 30]), pos)
+            if sample == 0:
+                first = model.attention_seconds()
+    assert first > 0 and model.attention_seconds() > first
+    model.set_attention_timing(False)
+    assert model.attention_seconds() == 0.0

@@ -126,7 +126,7 @@ class AttentionChoice:
         stepped = self._decoder.attention_seconds if self._decoder is not None else 0.0
         return sum(m.attn_seconds for m in self._attention_layers()) + stepped
 
-    _decoder = None  # the last decoder(): its attention time counts in attention_seconds()
+    _decoder = None  # the last decoder(): its attention time (its predecessors' included) counts below
 
     def decoder(self, cache):
         """The whole decoding step in C++ (csrc/decode_model.cpp) over this model's weights and
@@ -141,7 +141,9 @@ class AttentionChoice:
             return torch.empty(0) if t is None else t.detach().contiguous()
 
         arch, tensors, layers = self._decoder_spec()  # the model's own description of its step
+        seconds = self._decoder.attention_seconds if self._decoder is not None else 0.0
         self._decoder = nanogpt.extension().DecodeModel(
             variant=self.config.attention, k_cache=cache.k, v_cache=cache.v, **arch,
             **{name: weight(t) for name, t in tensors.items()}, layers=[[weight(t) for t in ws] for ws in layers])
+        self._decoder.attention_seconds = seconds  # one sample after another: the time adds up
         return self._decoder
