@@ -8,7 +8,6 @@
 #include <torch/extension.h>
 
 #include "attention.h"
-#include "parallel.h"
 #include "simd.h"
 #include "vector_dot.h"
 
