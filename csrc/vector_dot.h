@@ -1,43 +1,11 @@
-// Native-width float vectors (one ymm with AVX2, one zmm with AVX-512) and the dot products
-// of one vector against many rows, vectorised along the rows' length and reduced kW rows at a
-// time: the decode path's scores (a query against keys) and nanogpt::linear (an input against
-// weight rows) are the same product.
+// The dot products of one vector against many rows, on native vectors (simd.h's vw), vectorised
+// along the rows' length and reduced kW rows at a time: the decode path's scores (a query against
+// keys) and nanogpt::linear (an input against weight rows) are the same product.
 #pragma once
 
-#include <immintrin.h>
-
-#include <cstdint>
-#include <cstring>
+#include "simd.h"
 
 namespace nanogpt {
-
-#ifdef __AVX512F__
-constexpr int kW = 16;  // floats per native vector
-#else
-constexpr int kW = 8;
-#endif
-typedef float vw __attribute__((vector_size(kW * sizeof(float))));
-
-inline vw wload(const float* p) {
-  vw v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void wstore(float* p, vw v) { std::memcpy(p, &v, sizeof v); }
-// n < kW floats, the rest zero, without reading past p[n-1] (a masked load: no call, so the
-// accumulators of the loops that use it stay in registers).
-inline vw wload_part(const float* p, int n) {
-#if defined(__AVX512F__)
-  return (vw)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
-#elif defined(__AVX2__)
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return (vw)_mm256_maskload_ps(p, mask);
-#else
-  vw v = {};
-  for (int i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-#endif
-}
 
 // out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
 // levels of pairwise shuffles instead of kW separate horizontal sums.
