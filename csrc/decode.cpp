@@ -14,12 +14,18 @@
 #include "simd.h"
 #include "vector_dot.h"
 
+#include <vector>
+
 namespace nanogpt {
 
 namespace {
 
 constexpr int64_t kDecodeRows = 8;    // queries per head up to which this path serves
 constexpr int64_t kSplitKeys = 512;   // keys per work item (scores of one span stay in L1)
+// Decoding streams K and V from memory at a few ns per key and head, so a second thread pays
+// for its wake-up (~1 µs while torch's threads spin between regions) from ~2^16 multiply-adds
+// on: a 256-key step of 4 heads at d = 32 already runs on both cores.
+constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 
 // o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers.
 template <int NV>
@@ -68,15 +74,16 @@ void flash_decode(const Problem& p) {
   const int64_t part = d + 2;
   at::Tensor parts_t = at::empty({BH, spans, nq, part}, at::kFloat);
   float* parts = parts_t.data_ptr<float>();
-  const int64_t threads = at::get_num_threads();
-  at::Tensor scratch_t = at::zeros({threads, nq * dq + kSplitKeys}, at::kFloat);  // padded queries, scores
-  float* scratch = scratch_t.data_ptr<float>();
   const float qscale = p.scale * kLog2e;  // exp2 below, as the tile path
 
-  parallel_items(BH * spans, threads, 2 * nq * kSplitKeys * p.d, [&](int64_t t, int64_t slot) {
+  parallel_items(BH * spans, at::get_num_threads(), 2 * nq * kSplitKeys * p.d, [&](int64_t t, int64_t) {
     const int64_t bh = t / spans, span = t % spans, b = bh / p.H, h = bh % p.H;
     const int64_t j0 = span * kSplitKeys, j1 = std::min(p.Nk, j0 + kSplitKeys);
-    float* qpad = scratch + slot * (nq * dq + kSplitKeys);
+    // This thread's padded queries and scores: kept across calls (an allocation per call
+    // costs as much as a short step's keys).
+    static thread_local std::vector<float> scratch;
+    scratch.resize(std::max<size_t>(scratch.size(), nq * dq + kSplitKeys));
+    float* qpad = scratch.data();
     float* s = qpad + nq * dq;
     for (int64_t i = 0; i < nq; ++i) {
       float* out = parts + ((bh * spans + span) * nq + i) * part;  // m, l, O[0:d]
@@ -86,8 +93,9 @@ void flash_decode(const Problem& p) {
         continue;
       }
       const float* q = p.q.row(b, h, i);
-      float* qi = qpad + i * dq;  // zero padding past d stays from at::zeros
+      float* qi = qpad + i * dq;  // zero past d: dot_rows multiplies it by K's masked-off tail
       for (int c = 0; c < d; ++c) qi[c] = q[c] * qscale;
+      std::fill(qi + d, qi + dq, 0.f);
       const int64_t n = end - j0;
       dot_rows(qi, p.k.row(b, h, j0), p.k.sn, d, s, n);
       float m;
@@ -95,7 +103,7 @@ void flash_decode(const Problem& p) {
       out[0] = m, out[1] = l;
       if (l != 0.f) pv(s, p.v.row(b, h, j0), p.v.sn, n, d, out + 2);
     }
-  });
+  }, kDecodeSerialBelow);
 
   // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
   at::parallel_for(0, BH * nq, 64, [&](int64_t r0, int64_t r1) {

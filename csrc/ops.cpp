@@ -46,6 +46,7 @@ void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (B, H, N, d), got shape ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got device ", t.device());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got layout ", t.layout());
 }
 
 // The tensor itself when its last dimension is contiguous (read in place), else one copy.
@@ -188,6 +189,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const Variant& v : kVariants) out.emplace_back(v.name, v.adds);
     return out;
   }, "(name, what it adds) for each variant, in ladder order: the one dispatch table");
+  // The inference forward without the dispatcher: torch.ops' Python path (argument parsing, and
+  // the autograd kernel registered in Python) costs ~15 µs a call, more than a short decoding
+  // step. nanogpt.attention calls this when nothing needs a gradient and nothing is compiling.
+  m.def("attention", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& variant,
+                        bool causal, std::optional<double> scale, int64_t br, int64_t bc, bool enable_gqa) {
+    pybind11::gil_scoped_release released;
+    return attention(q, k, v, variant, causal, scale, br, bc, enable_gqa);
+  }, "torch.ops.nanogpt.attention's CPU kernel, called directly");
   m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d) on this host");
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");

@@ -18,10 +18,12 @@ constexpr int64_t kSerialBelow = int64_t(1) << 20;
 // split would leave one of two threads with three quarters of the work; callers order items
 // heaviest first. `slot` in [0, threads) is the calling thread's index into per-thread
 // scratch. Uses at::parallel_for, so torch.set_num_threads and nesting in torch's own
-// parallel regions (where it runs serially) are respected.
+// parallel regions (where it runs serially) are respected. Work below serial_below multiply-adds
+// in all runs on the calling thread.
 template <class Work>
-void parallel_items(int64_t n, int64_t threads, int64_t item_cost, const Work& work) {
-  if (threads == 1 || n * item_cost < kSerialBelow) {
+void parallel_items(int64_t n, int64_t threads, int64_t item_cost, const Work& work,
+                    int64_t serial_below = kSerialBelow) {
+  if (threads == 1 || n * item_cost < serial_below) {
     for (int64_t item = 0; item < n; ++item) work(item, 0);
     return;
   }

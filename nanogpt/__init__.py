@@ -219,8 +219,13 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
                              f"with H={q.shape[1]} from q, got {tuple(k.shape)}")
         k, v = repeat_kv(q, k, v) if enable_gqa else (k, v)
         return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
-    # inference: no LSE. The overload itself, not the packet: resolving it costs microseconds per call.
-    return torch.ops.nanogpt.attention.default(q, k, v, variant, causal, scale, br, bc, enable_gqa)
+    # inference: no LSE. Plain tensors in eager mode call the kernel directly (the op's Python
+    # dispatch costs more than a short decoding step); under torch.compile, a dispatch mode or a
+    # tensor subclass, the op (with its fake kernel) is what must be seen.
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or not type(q) is type(k) is type(v) is torch.Tensor):
+        return torch.ops.nanogpt.attention.default(q, k, v, variant, causal, scale, br, bc, enable_gqa)
+    return _ext.attention(q, k, v, variant, causal, scale, br, bc, enable_gqa)
 
 
 def build_info() -> dict:

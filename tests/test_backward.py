@@ -259,6 +259,16 @@ def test_inference_pays_nothing(ext):
         assert [s for s in ops.seen if s.startswith("nanogpt.")] == [expected]
 
 
+def test_eager_inference_is_the_op(ext):
+    """Eagerly, without gradients, nanogpt.attention calls the op's kernel directly: the same
+    result as the op, and a tensor that needs no gradient."""
+    q, k, v = qkv(2, 3, 5, 40, 16)
+    for variant in VARIANTS:
+        out = ext.attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, variant=variant, causal=True)
+        assert not out.requires_grad
+        assert torch.equal(out, torch.ops.nanogpt.attention(q, k, v, variant, True, None, 0, 0))
+
+
 def test_plain_op_differentiated_directly(ext):
     """torch.ops.nanogpt.attention itself is differentiable: it recomputes the LSE first."""
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 30, 30, 16))

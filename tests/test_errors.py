@@ -81,6 +81,18 @@ def test_sparse(ext):
     good_call_works(ext)
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("bad,exc,match", [(lambda t: t.to("meta"), ValueError, "must be on the CPU"),
+                                           (lambda t: t.to_sparse(), ValueError, "must be a dense"),
+                                           (lambda t: t.double(), TypeError, "must be float32")])
+def test_direct_kernel_checks_its_arguments(ext, name, bad, exc, match):
+    """The compiled entry point that eager inference calls, past the Python checks, makes the
+    op's checks itself."""
+    args = dict(zip("qkv", qkv()))
+    args[name] = bad(args[name])
+    raises(ext, exc, f"^{name} {match}", ext.extension().attention, *args.values(), "flash", False, None, 0, 0, False)
+
+
 @pytest.mark.parametrize("dim,what", [(0, "B"), (1, "H"), (3, "d")])
 def test_k_disagrees_with_q(ext, dim, what):
     q, k, v = qkv()
