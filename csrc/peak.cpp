@@ -1,37 +1,30 @@
 // This host's FMA peak, measured: the figure the benchmark's GFLOP/s are a share of, so a
 // reader on another host can scale the README's numbers. Independent multiply-add chains on
-// the widest vectors this build has (one zmm with AVX-512, one ymm with AVX), 12 of them: the
+// the native vectors (simd.h's vw: one zmm with AVX-512, one ymm with AVX2), 12 of them: the
 // FMA latency (4 cycles) times the FMA pipes (2 on Zen 3 and Skylake-X) is 8 chains in
-// flight, and 12 registers plus two constants still fit in AVX2's 16. Native-width vectors,
-// not simd.h's 16-lane vf: GCC spills an array of two-register vectors to the stack.
+// flight, and 12 registers plus two constants still fit in AVX2's 16. Not the 16-lane vf:
+// GCC spills an array of two-register vectors to the stack.
 #include <torch/extension.h>
 
 #include <atomic>
 #include <chrono>
 
+#include "simd.h"
+
 namespace nanogpt {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kBytes = 64;
-#elif defined(__AVX__)
-constexpr int kBytes = 32;
-#else
-constexpr int kBytes = 16;
-#endif
-typedef float vn __attribute__((vector_size(kBytes)));
-constexpr int kWidth = kBytes / sizeof(float);
 constexpr int kChains = 12;
 constexpr int64_t kStepsPerCheck = int64_t(1) << 14;  // FMAs per chain between clock reads
 
 // Runs the chains for about `seconds`; returns the multiply-adds done (per lane).
 int64_t fma_chains(double seconds, float* sink) {
   using clock = std::chrono::steady_clock;
-  vn acc[kChains];
-  for (int c = 0; c < kChains; ++c) acc[c] = vn{} + (1.0f + 0.01f * c);
+  vw acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = vw{} + (1.0f + 0.01f * c);
   // x ← x·m + a converges to a/(1-m) = 1: finite forever, and not foldable by the compiler
   // since the step count is only known at run time. -ffp-contract=fast makes it one FMA.
-  const vn m = vn{} + 0.999f, a = vn{} + 0.001f;
+  const vw m = vw{} + 0.999f, a = vw{} + 0.001f;
   const auto end = clock::now() + std::chrono::duration<double>(seconds);
   int64_t steps = 0;
   do {
@@ -43,9 +36,9 @@ int64_t fma_chains(double seconds, float* sink) {
   } while (clock::now() < end);
   float total = 0.f;
   for (int c = 0; c < kChains; ++c)
-    for (int l = 0; l < kWidth; ++l) total += acc[c][l];
+    for (int l = 0; l < kW; ++l) total += acc[c][l];
   *sink = total;
-  return steps * kChains * kWidth;
+  return steps * kChains * kW;
 }
 
 }  // namespace
