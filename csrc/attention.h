@@ -1,8 +1,8 @@
 // nanogpt-flash: the one kernel signature and the one dispatch table.
 //
 // Every variant computes O = softmax(Q Kᵀ·scale + mask) V for one problem:
-//   q, o: (B, H, Nq, d)   k, v: (B, Hk, Nk, d)   float32, last dimension contiguous,
-//   other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is read in place).
+//   q, o: (B, H, Nq, d)   k, v: (B, Hk, Nk, d)   float32 (or all bfloat16: Problem::bf16), last
+//   dimension contiguous, other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is read in place).
 // Grouped-query attention (SDPA's enable_gqa): Hk divides H and query head h reads kv head
 // h / (H / Hk); View::group does that mapping, so no kernel copies or repeats K and V.
 // Causal masks are aligned bottom-right: query i sees keys j <= i + (Nk - Nq), which is
@@ -19,13 +19,17 @@
 
 namespace nanogpt {
 
-// A (B, H, N, d) float tensor whose last dimension is contiguous, indexed by query head:
-// head h is stored head h / group (group > 1 only for k and v under grouped-query attention).
+// A (B, H, N, d) tensor whose last dimension is contiguous, indexed by query head: head h is
+// stored head h / group (group > 1 only for k and v under grouped-query attention). Elements are
+// float, or c10::BFloat16 in a bfloat16 Problem (row<c10::BFloat16>).
 struct View {
-  float* data;
+  void* data;
   int64_t sb, sh, sn;  // strides in elements of batch, stored head and row
   int64_t group = 1;   // query heads per stored head
-  float* row(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h / group * sh + n * sn; }
+  template <class T = float>
+  T* row(int64_t b, int64_t h, int64_t n) const {
+    return static_cast<T*>(data) + b * sb + h / group * sh + n * sn;
+  }
 };
 
 struct Problem {
@@ -37,6 +41,9 @@ struct Problem {
   // (B, H, Nq) contiguous, or null: forwards that keep it (flash, for its backward) write each
   // query's log-sum-exp of scale·scores in natural-log units; -inf for a row that sees no key.
   float* lse = nullptr;
+  // q, k, v and o hold bfloat16 (softmax and accumulation still in float32). Only variants with
+  // Variant::bf16 see such a Problem; run_in_float32 serves the others.
+  bool bf16 = false;
 
   // Keys [0, key_end(i)) are visible to query row i.
   int64_t key_end(int64_t i) const {
@@ -68,6 +75,7 @@ struct Variant {
   Backward backward;  // the backward this variant trains with (its own or another's)
   bool keeps_lse;     // its forward writes Problem::lse and its backward reads it
   bool tiled;         // it reads Problem::br and bc (tile sizes); the others ignore them
+  bool bf16;          // it reads bfloat16 Problems itself; the others run on float32 copies
 };
 
 // The dispatch table: nanogpt.VARIANTS, and so the CLI, tests and benchmarks, read it.
@@ -96,7 +104,16 @@ inline at::Tensor keys_transposed(const Problem& p) {
 // Which of flash's code paths serves a problem: "decode" (a few queries, as in a KV-cache
 // step, decode.cpp) unless tiles were asked for, else "tiles" (flash.cpp).
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
-void flash_decode(const Problem& p);
+void flash_decode(const Problem& p);  // float32 or bfloat16
+
+// bfloat16 (bf16.cpp). flash's tile path in bfloat16: both matmuls on AVX-512 BF16 (vdpbf16ps)
+// when this CPU has it (checked at run time), else run_in_float32.
+void flash_tiles_bf16(const Problem& p);
+bool has_bf16_dot();               // this CPU runs vdpbf16ps, and it is not switched off
+void set_bf16_dot(bool enabled);   // tests switch it off to run the plain path on any CPU
+// Runs a float32 kernel on a bfloat16 Problem: q, k, v converted to float32 copies, the output
+// rounded back into p.o (p.lse, float32 anyway, written in place).
+void run_in_float32(const Problem& p, Kernel run);
 
 // Default flash tiles for a shape on this host (tiles.cpp): tuned by nanogpt.tune() if it
 // measured this CPU, else from a model of the cache sizes.

@@ -8,7 +8,9 @@
 // the spans are then merged exactly (log-sum-exp). The span length depends on nothing but the
 // constant, so a query's result is the same for any thread count, batch or head count, and any
 // number of queries in the call that takes this path (the tile path, for more queries, rounds
-// differently within float32 error). K and V are read in place, any row stride.
+// differently within float32 error). K and V are read in place, any row stride, as float32 or
+// bfloat16 (widened as they are read: a bfloat16 cache is half the bytes, and this path is
+// bound by the memory's speed, so it needs no bfloat16 arithmetic).
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -27,14 +29,15 @@ constexpr int64_t kSplitKeys = 512;   // keys per work item (scores of one span 
 // 256-key step of 4 heads at d = 32 already runs on both cores.
 constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 
-// o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers.
-template <int NV>
-void pv_slice(const float* p, const float* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
+// o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
+// elements T are float or c10::BFloat16.
+template <int NV, class T>
+void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
   vw acc[NV] = {};
   const bool tail = c0 + NV * kW > d;  // the last vector is partial: load it without over-read
   const int rem = d - (c0 + (NV - 1) * kW);
   for (int64_t j = 0; j < n; ++j) {
-    const float* v = V + j * ldv + c0;
+    const T* v = V + j * ldv + c0;
     const vw pj = vw{} + p[j];
     for (int i = 0; i < NV - 1; ++i) acc[i] += pj * wload(v + i * kW);
     acc[NV - 1] += pj * (tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
@@ -45,18 +48,19 @@ void pv_slice(const float* p, const float* V, int64_t ldv, int64_t n, int c0, in
   }
 }
 
-void pv(const float* p, const float* V, int64_t ldv, int64_t n, int d, float* o) {
+template <class T>
+void pv(const float* p, const T* V, int64_t ldv, int64_t n, int d, float* o) {
   constexpr int kMaxNV = 8;  // 8 accumulators + operands fit 16 ymm registers
   for (int c0 = 0; c0 < d; c0 += kMaxNV * kW) {
     switch (std::min<int>(kMaxNV, (d - c0 + kW - 1) / kW)) {
-      case 1: pv_slice<1>(p, V, ldv, n, c0, d, o); break;
-      case 2: pv_slice<2>(p, V, ldv, n, c0, d, o); break;
-      case 3: pv_slice<3>(p, V, ldv, n, c0, d, o); break;
-      case 4: pv_slice<4>(p, V, ldv, n, c0, d, o); break;
-      case 5: pv_slice<5>(p, V, ldv, n, c0, d, o); break;
-      case 6: pv_slice<6>(p, V, ldv, n, c0, d, o); break;
-      case 7: pv_slice<7>(p, V, ldv, n, c0, d, o); break;
-      default: pv_slice<8>(p, V, ldv, n, c0, d, o); break;
+      case 1: pv_slice<1, T>(p, V, ldv, n, c0, d, o); break;
+      case 2: pv_slice<2, T>(p, V, ldv, n, c0, d, o); break;
+      case 3: pv_slice<3, T>(p, V, ldv, n, c0, d, o); break;
+      case 4: pv_slice<4, T>(p, V, ldv, n, c0, d, o); break;
+      case 5: pv_slice<5, T>(p, V, ldv, n, c0, d, o); break;
+      case 6: pv_slice<6, T>(p, V, ldv, n, c0, d, o); break;
+      case 7: pv_slice<7, T>(p, V, ldv, n, c0, d, o); break;
+      default: pv_slice<8, T>(p, V, ldv, n, c0, d, o); break;
     }
   }
 }
@@ -67,7 +71,9 @@ const char* flash_path(int64_t Nq, int64_t br, int64_t bc) {
   return Nq <= kDecodeRows && br == 0 && bc == 0 ? "decode" : "tiles";
 }
 
-void flash_decode(const Problem& p) {
+// T: the element type of q, k, v and o (float, or c10::BFloat16 in a bfloat16 Problem).
+template <class T>
+void decode(const Problem& p) {
   const int d = int(p.d), dq = int(round_up(p.d, kW));
   const int64_t BH = p.B * p.H, spans = (p.Nk + kSplitKeys - 1) / kSplitKeys, nq = p.Nq;
   // Per (head, span, query): the span's max, sum and unnormalised output (d floats).
@@ -92,30 +98,35 @@ void flash_decode(const Problem& p) {
         out[0] = kNegInf, out[1] = 0.f;
         continue;
       }
-      const float* q = p.q.row(b, h, i);
+      const T* q = p.q.row<T>(b, h, i);
       float* qi = qpad + i * dq;  // zero past d: dot_rows multiplies it by K's masked-off tail
-      for (int c = 0; c < d; ++c) qi[c] = q[c] * qscale;
+      for (int c = 0; c < d; ++c) qi[c] = float(q[c]) * qscale;
       std::fill(qi + d, qi + dq, 0.f);
       const int64_t n = end - j0;
-      dot_rows(qi, p.k.row(b, h, j0), p.k.sn, d, s, n);
+      dot_rows(qi, p.k.row<T>(b, h, j0), p.k.sn, d, s, n);
       float m;
       const float l = softmax2_unnormalised(s, n, &m);  // 0 with m = -inf: nothing seen here
       out[0] = m, out[1] = l;
-      if (l != 0.f) pv(s, p.v.row(b, h, j0), p.v.sn, n, d, out + 2);
+      if (l != 0.f) pv(s, p.v.row<T>(b, h, j0), p.v.sn, n, d, out + 2);
     }
   }, kDecodeSerialBelow);
 
   // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
   at::parallel_for(0, BH * nq, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> acc(d);  // the merged row in float32, then written as T
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bh = r / nq, i = r % nq;
       const float* first = parts + (bh * spans * nq + i) * part;
       float m = kNegInf;
       for (int64_t sp = 0; sp < spans; ++sp) m = vmax(first[sp * nq * part], m);
-      float* o = p.o.row(bh / p.H, bh % p.H, i);
+      T* out = p.o.row<T>(bh / p.H, bh % p.H, i);
+      float* o = acc.data();
       std::fill(o, o + d, 0.f);
       if (p.lse) p.lse[bh * nq + i] = kNegInf;  // for the backward; set below when keys were seen
-      if (m == kNegInf) continue;  // saw no key: a zero row, as SDPA gives
+      if (m == kNegInf) {  // saw no key: a zero row, as SDPA gives
+        std::fill(out, out + d, T(0.f));
+        continue;
+      }
       float l = 0.f;
       for (int64_t sp = 0; sp < spans; ++sp) {
         const float* ps = first + sp * nq * part;
@@ -125,9 +136,12 @@ void flash_decode(const Problem& p) {
         for (int c = 0; c < d; ++c) o[c] += w * ps[2 + c];
       }
       normalise_row(o, o, l, d);
+      std::copy(o, o + d, out);  // rounds to nearest even for bfloat16
       if (p.lse) p.lse[bh * nq + i] = (m + std::log2(l)) * float(M_LN2);  // log Σ_j e^(s_ij)
     }
   });
 }
+
+void flash_decode(const Problem& p) { p.bf16 ? decode<c10::BFloat16>(p) : decode<float>(p); }
 
 }  // namespace nanogpt

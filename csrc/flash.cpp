@@ -35,6 +35,7 @@ struct Scratch {
 
 void flash_attention(const Problem& p) {
   if (flash_path(p.Nq, p.br, p.bc)[0] == 'd') return flash_decode(p);
+  if (p.bf16) return flash_tiles_bf16(p);
   const auto [br0, bc0] = flash_default_tiles(p.Nq, p.Nk, p.d);
   const int64_t br = std::min(p.br ? p.br : br0, p.Nq), bc = std::min(p.bc ? p.bc : bc0, p.Nk);
   const int64_t nq_max = round_up(br, kLanes), dp = round_up(p.d, kLanes);

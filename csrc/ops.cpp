@@ -24,7 +24,7 @@ const Variant kVariants[] = {
     {"fused", fused_attention, "one row at a time with an N×1 scratch row per thread; threads over (batch, head, row)",
      naive_attention_backward, false, false},
     {"flash", flash_attention, "Br×Bc tiles, running max and sum, register-blocked SIMD tile; O(N) memory",
-     flash_attention_backward, true, true},
+     flash_attention_backward, true, true, true},
 };
 
 const Variant* find_variant(const std::string& name) {
@@ -44,7 +44,8 @@ std::string variant_names() {
 void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (B, H, N, d), got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+                   " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got device ", t.device());
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got layout ", t.layout());
 }
@@ -52,7 +53,7 @@ void check_tensor(const at::Tensor& t, const char* name) {
 // The tensor itself when its last dimension is contiguous (read in place), else one copy.
 View view_of(const at::Tensor& t, at::Tensor& keep) {
   keep = t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
-  return View{keep.data_ptr<float>(), keep.stride(0), keep.stride(1), keep.stride(2)};
+  return View{keep.data_ptr(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
 // The checks every op makes (each message names the argument), then the Problem without o and
@@ -63,6 +64,9 @@ Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_tensor(q, "q");
   check_tensor(k, "k");
   check_tensor(v, "v");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "k and v must have q's dtype ", q.scalar_type(), ", got k ", k.scalar_type(), " and v ",
+                   v.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), Nk = k.size(2), Hk = k.size(1);
   if (enable_gqa) {
     TORCH_CHECK_VALUE(k.size(0) == B && (Hk == H || (Hk > 0 && H % Hk == 0)) && k.size(3) == d,
@@ -83,11 +87,12 @@ Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK_VALUE(std::isfinite(float(s)), "scale must be a finite number (as a float32), got ", s);
   Problem p{view_of(q, keep[0]), view_of(k, keep[1]), view_of(v, keep[2]), View{},
             B, H, Nq, Nk, d, float(s), causal, br, bc};
+  p.bf16 = q.scalar_type() == at::kBFloat16;
   p.k.group = p.v.group = Hk > 0 ? H / Hk : 1;  // query heads per kv head
   return p;
 }
 
-View view_of_output(const at::Tensor& t) { return View{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+View view_of_output(const at::Tensor& t) { return View{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // The forward; with keep_lse also the LSE the variant's backward reads: (B, H, Nq) for variants
 // that keep one (flash), else (B, H, 0), as their backward recomputes the softmax.
@@ -98,14 +103,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   at::Tensor keep[3];
   Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, enable_gqa, var, keep);
   at::Tensor out = at::empty({p.B, p.H, p.Nq, p.d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({p.B, p.H, keep_lse && var->keeps_lse ? p.Nq : 0}, q.options());
+  at::Tensor lse = at::empty({p.B, p.H, keep_lse && var->keeps_lse ? p.Nq : 0}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.Nk == 0) {  // softmax over no keys: SDPA gives zeros too
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out.zero_(), lse};
   }
   p.o = view_of_output(out);
   p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
-  var->run(p);
+  if (p.bf16 && !var->bf16)
+    run_in_float32(p, var->run);
+  else
+    var->run(p);
   return {out, lse};
 }
 
@@ -129,6 +137,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, c10::string_view variant, bool causal,
     std::optional<double> scale, int64_t br, int64_t bc) {
+  if (q.defined() && q.scalar_type() == at::kBFloat16) {
+    // bfloat16 trains on float32 copies (the backward has no bfloat16 kernel); gradients rounded back
+    const std::pair<const at::Tensor*, const char*> same[] = {{&k, "k"}, {&v, "v"}, {&grad_out, "grad_out"}, {&out, "out"}};
+    for (const auto& [t, name] : same) {
+      check_tensor(*t, name);
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kBFloat16, name, " must have q's dtype BFloat16, got ", t->scalar_type());
+    }
+    auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto [dq, dk, dv] = attention_backward(f(grad_out), f(q), f(k), f(v), f(out), lse, variant, causal, scale, br, bc);
+    return {dq.to(at::kBFloat16), dk.to(at::kBFloat16), dv.to(at::kBFloat16)};
+  }
   const Variant* var;
   at::Tensor keep[3], keep_g, keep_o;
   Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, false, var, keep);
@@ -201,6 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
+  m.def("set_bf16_dot", &set_bf16_dot, "False: bfloat16 flash tiles run on float32 copies even on AVX-512 BF16 (tests)");
   m.def("tiled", [] {
     std::vector<std::string> out;
     for (const Variant& v : kVariants)
@@ -229,6 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["tile_kernel"] = "c++";
 #endif
     info["compiler"] = __VERSION__;
+    info["bf16_dot"] = has_bf16_dot();  // bfloat16 flash tiles on vdpbf16ps (checked at run time)
 #ifdef __AVX512F__
     info["cxx_simd"] = "avx512";
 #elif defined(__AVX2__)

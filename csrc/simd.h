@@ -3,6 +3,7 @@
 // from -march. Loads and stores are unaligned (memcpy compiles to vmovups).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -61,6 +62,27 @@ inline vw wload_part(const float* p, int n) {
   for (int i = 0; i < n; ++i) v[i] = p[i];
   return v;
 #endif
+}
+
+// kW (or n < kW, the rest zero) bfloat16 values widened to float (exact: a bfloat16 is a
+// float's high 16 bits), for kernels that read bfloat16 K and V with float arithmetic.
+inline vw wload(const c10::BFloat16* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vw)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vw)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
+  vw v;
+  for (int i = 0; i < kW; ++i) v[i] = float(p[i]);
+  return v;
+#endif
+}
+inline vw wload_part(const c10::BFloat16* p, int n) {
+  c10::BFloat16 t[kW] = {};  // zero bits: 0.0f
+  std::memcpy(t, p, n * sizeof *p);
+  return wload(t);
 }
 
 // 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).

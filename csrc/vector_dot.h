@@ -45,13 +45,15 @@ inline vw lane_sums(vw* a) {
 
 // s[j] = Σ_c q[c]·K[j, c] for j in [0, n): one vector against n rows (a query against keys, or
 // a weight matrix against an input). q is zero-padded to a multiple of kW, K rows have stride
-// ldk and d valid floats (the tail vector of a row is loaded partially: no over-read).
-inline void dot_rows(const float* q, const float* K, int64_t ldk, int d, float* s, int64_t n) {
+// ldk and d valid elements (the tail vector of a row is loaded partially: no over-read); T is
+// float, or c10::BFloat16 (a bfloat16 KV cache, widened as it is read).
+template <class T>
+inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
   const int full = d / kW * kW, rem = d - full;
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
     // kW rows at once, c outermost: kW independent accumulators, one q vector per step
-    const float* k0 = K + j * ldk;
+    const T* k0 = K + j * ldk;
     vw acc[kW] = {};
     for (int c = 0; c < full; c += kW) {
       const vw qv = wload(q + c);
@@ -66,7 +68,7 @@ inline void dot_rows(const float* q, const float* K, int64_t ldk, int d, float* 
     wstore(s + j, lane_sums(acc));
   }
   for (; j < n; ++j) {  // the last n % kW rows, one horizontal sum each
-    const float* k = K + j * ldk;
+    const T* k = K + j * ldk;
     vw a = {};
     for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
     if (rem) a += wload_part(k + full, rem) * wload(q + full);

@@ -137,7 +137,7 @@ _keeps_lse = None
 
 def _attention_lse_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
     out = _attention_fake(q, k, v, variant, causal, scale, br, bc)
-    return out, q.new_empty(q.shape[0], q.shape[1], _lse_rows(variant, q.shape[2]))
+    return out, q.new_empty(q.shape[0], q.shape[1], _lse_rows(variant, q.shape[2]), dtype=torch.float32)
 
 
 def _attention_backward_fake(grad_out, q, k, v, out, lse, variant="flash", causal=False, scale=None, br=0, bc=0):
@@ -151,6 +151,8 @@ def _attention_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc
     """Shape function for meta tensors and torch.compile: the same checks as the CPU kernel's."""
     torch._check(q.device == k.device == v.device, lambda: "q, k and v must be on the same device")
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q and k must have 4 dimensions (B, H, N, d)")
+    torch._check(q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == q.dtype,
+                 lambda: f"q, k and v must be all float32 or all bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     H, Hk = q.shape[1], k.shape[1]
     heads_ok = Hk == H or (enable_gqa and Hk > 0 and H % Hk == 0)
     torch._check(k.shape[0] == q.shape[0] and heads_ok and k.shape[3] == q.shape[3] and v.shape == k.shape,
@@ -186,8 +188,10 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
               br: int | None = None, bc: int | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """softmax(q kᵀ·scale + causal mask) v with one of nanogpt.VARIANTS.
 
-    q (B, H, Nq, d), k and v (B, H, Nk, d): float32 CPU tensors; inputs whose last dimension
-    is contiguous are read in place, others are copied once. scale defaults to 1/√d.
+    q (B, H, Nq, d), k and v (B, H, Nk, d): CPU tensors, all float32 or all bfloat16 (a
+    bfloat16 output; softmax and sums in float32: flash reads bfloat16 itself, with AVX-512
+    BF16 where the CPU has it, the other variants run on float32 copies). Inputs whose last
+    dimension is contiguous are read in place, others are copied once. scale defaults to 1/√d.
     enable_gqa (as SDPA's): k and v may have Hk heads, Hk dividing H; query head h then reads
     kv head h // (H // Hk), without copying K or V.
     br, bc: flash's tile height and width (blocked's tile too); None picks the default.

@@ -64,10 +64,10 @@ def sdpa(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Ten
 def compare_to_sdpa(out, q, k, v, causal: bool = False, scale: float | None = None, max_scores: int = 1 << 24):
     """(ok, our max error, bound): out against a float64 reference.
 
-    Allowed: twice SDPA's own float32 error on the same inputs, plus float32's conditioning of
-    the problem: a score q·k·scale carries a rounding error up to ε·scale·Σ|q_i k_i|, which the
+    Allowed: twice SDPA's own error on the same inputs (float32, or bfloat16 for bfloat16
+    inputs), plus float32's conditioning of the problem: a score q·k·scale carries a rounding error up to ε·scale·Σ|q_i k_i|, which the
     softmax turns into a relative error of the weights and so an error of that size times
-    max|v| in the output (plus 4 ulps of the largest output). The second term matters where
+    max|v| in the output (plus 4 ulps, in out's dtype, of the largest output). The second term matters where
     SDPA happens to round luckily on large scores; a real bug is orders of magnitude larger.
 
     When B·H·Nq·Nk exceeds max_scores, a spread of query rows (first and last included) is
@@ -89,12 +89,13 @@ def compare_to_sdpa(out, q, k, v, causal: bool = False, scale: float | None = No
         return True, 0.0, 0.0
     err = (ours.double() - exact).abs().max().item()
     torch_err = (theirs.double() - exact).abs().max().item()
-    eps = torch.finfo(torch.float32).eps
+    eps = torch.finfo(torch.float32).eps  # scores accumulate in float32 for bfloat16 inputs too
+    out_eps = torch.finfo(out.dtype).eps  # the output is rounded to its own dtype
     qs = q.double() if rows is None else q.double()[:, :, rows]
     scale_ = 1.0 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
     score_err = eps * abs(scale_) * (qs.abs() @ k.double().abs().transpose(-2, -1)).max().item() if nk else 0.0
     vmax = v.abs().max().item() if v.numel() else 0.0
-    bound = 2 * torch_err + score_err * vmax + 4 * eps * max(1.0, exact.abs().max().item())
+    bound = 2 * torch_err + score_err * vmax + 4 * out_eps * max(1.0, exact.abs().max().item())
     return err <= bound, err, bound
 
 

@@ -53,15 +53,21 @@ def test_not_a_tensor(ext, name, bad):
     raises(ext, TypeError, rf"^{name} must be a torch.Tensor", ext.attention, q, k, v)
 
 
-DTYPES = {torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.int32: "Int",
-          torch.bool: "Bool"}
+DTYPES = {torch.float64: "Double", torch.float16: "Half", torch.int32: "Int", torch.bool: "Bool"}
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wrong_dtype(ext, name, dtype):
     q, k, v = with_arg(name, torch.ones(1, 2, 5, 4, dtype=dtype))
-    raises(ext, TypeError, rf"^{name} must be float32, got {DTYPES[dtype]}", ext.attention, q, k, v)
+    raises(ext, TypeError, rf"^{name} must be float32 or bfloat16, got {DTYPES[dtype]}", ext.attention, q, k, v)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_mixed_dtypes(ext, name):
+    """float32 and bfloat16 are not mixed: k and v must have q's dtype."""
+    q, k, v = with_arg(name, torch.ones(1, 2, 5, 4, dtype=torch.bfloat16))
+    raises(ext, TypeError, r"^k and v must have q's dtype", ext.attention, q, k, v)
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v", "all"])
@@ -84,7 +90,7 @@ def test_sparse(ext):
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 @pytest.mark.parametrize("bad,exc,match", [(lambda t: t.to("meta"), ValueError, "must be on the CPU"),
                                            (lambda t: t.to_sparse(), ValueError, "must be a dense"),
-                                           (lambda t: t.double(), TypeError, "must be float32")])
+                                           (lambda t: t.double(), TypeError, "must be float32 or bfloat16")])
 def test_direct_kernel_checks_its_arguments(ext, name, bad, exc, match):
     """The compiled entry point that eager inference calls, past the Python checks, makes the
     op's checks itself."""
@@ -193,7 +199,7 @@ def test_op_other_bad_arguments(ext):
     raises(ext, ValueError, r"^br must be a positive tile height", op, q, k, v, "flash", False, None, -1, 0)
     raises(ext, ValueError, r"^bc must be a positive tile width", op, q, k, v, "blocked", False, None, 0, -5)
     raises(ext, ValueError, r"^scale must be a finite number", op, q, k, v, "fused", False, float("nan"), 0, 0)
-    raises(ext, TypeError, r"^q must be float32", op, q.double(), k, v, "flash", False, None, 0, 0)
+    raises(ext, TypeError, r"^q must be float32 or bfloat16", op, q.double(), k, v, "flash", False, None, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+// bfloat16 attention: the float32 fallback every variant can use, and flash's tile path on
+// AVX-512 BF16.
+//
+// vdpbf16ps multiplies 32 pairs of bfloat16 and adds each pair's two products into one of 16
+// float32 lanes: twice an FMA's multiply-adds per instruction, from operands of half the size.
+// Both matmuls of a flash tile are built from it, on operands packed so that a pair is what
+// the instruction sums:
+//   S = Q·Kᵀ   lane = key, pair = two adjacent features. K is packed once per head in groups of
+//              16 keys, Kp[group][c/2][16 keys] of feature pairs (a 32-bit transpose: each key's
+//              pair stays together); a query's pair is broadcast: S[i, 16 keys] += q_i[c:c+2]·Kp.
+//   O += P·V   lane = feature, pair = two adjacent keys. V is packed once per head as
+//              Vp[j/2][features] of key pairs (rows j and j+1 interleaved); P rounded to bfloat16
+//              in row order already pairs adjacent keys: O[i, 16 features] += p_i[j:j+2]·Vp.
+// Scores, the running max and sum and O stay float32, as in SDPA's bfloat16 path. P is rounded
+// to bfloat16 for the second matmul and the sum l adds the rounded values, so O / l divides by
+// exactly the weights that were multiplied. Masking and the causal bookkeeping are flash.cpp's.
+#include "attention.h"
+#include "parallel.h"
+#include "simd.h"
+
+#include <atomic>
+
+namespace nanogpt {
+
+namespace {
+
+constexpr int kRows = 4;     // query rows per register block (both matmuls)
+constexpr int kGroups = 4;   // 16-key groups per register block of S (kRows × kGroups accumulators)
+constexpr int kFeats = 4;    // 16-feature vectors per register block of P·V
+constexpr int64_t kBr = 64;  // default tile: 64 queries (a multiple of kRows) ...
+constexpr int64_t kBc = 64;  // ... × 64 keys (a multiple of 16)
+
+std::atomic<bool> bf16_dot_enabled{true};
+
+uint32_t bits(c10::BFloat16 x) { return x.x; }
+// two bfloat16 as one 32-bit word: lo in the low half (the element at the lower address)
+uint32_t pair(c10::BFloat16 lo, c10::BFloat16 hi) { return bits(lo) | bits(hi) << 16; }
+
+// A bfloat16 (B, H, N, d) view as a float32 tensor (one contiguous copy).
+at::Tensor widened(const View& v, int64_t B, int64_t H, int64_t N, int64_t d) {
+  return at::empty({B, H, N, d}, at::kFloat)
+      .copy_(at::from_blob(v.data, {B, H, N, d}, {v.sb, v.sh, v.sn, 1}, at::kBFloat16));
+}
+View view(const at::Tensor& t, int64_t group = 1) {
+  return View{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), group};
+}
+
+// ---------------------------------------------------------------------------------------
+// The tile path. Shapes per head: dh = ceil(d/2) feature pairs, dv = d rounded up to 16,
+// Nkp = Nk rounded up to 16 (padding is zeros, which meet real numbers only in products).
+
+struct Packed {
+  int64_t dh, dv, Nkp;
+  at::Tensor k, v;  // (B·Hk, Nkp·dh) and (B·Hk, Nkp/2·dv) 32-bit words
+};
+
+Packed pack_kv(const Problem& p) {
+  const int64_t Hk = p.H / p.k.group, dh = (p.d + 1) / 2, dv = round_up(p.d, 16), Nkp = round_up(p.Nk, 16);
+  Packed pk{dh, dv, Nkp, at::empty({p.B * Hk, Nkp * dh}, at::kInt), at::empty({p.B * Hk, Nkp / 2 * dv}, at::kInt)};
+  const c10::BFloat16 zero(0.f);
+  at::parallel_for(0, p.B * Hk, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / Hk, h = bh % Hk * p.k.group;  // a query head of kv head bh % Hk
+      const c10::BFloat16* K = p.k.row<c10::BFloat16>(b, h, 0);
+      const c10::BFloat16* V = p.v.row<c10::BFloat16>(b, h, 0);
+      auto kat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? K[j * p.k.sn + c] : zero; };
+      auto vat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? V[j * p.v.sn + c] : zero; };
+      uint32_t* kp = reinterpret_cast<uint32_t*>(pk.k.data_ptr<int32_t>()) + bh * Nkp * dh;
+      for (int64_t g = 0; g < Nkp / 16; ++g)  // Kp[g][c2][t] = (K[16g+t, 2c2], K[16g+t, 2c2+1])
+        for (int64_t c2 = 0; c2 < dh; ++c2)
+          for (int64_t t = 0; t < 16; ++t) kp[(g * dh + c2) * 16 + t] = pair(kat(16 * g + t, 2 * c2), kat(16 * g + t, 2 * c2 + 1));
+      uint32_t* vp = reinterpret_cast<uint32_t*>(pk.v.data_ptr<int32_t>()) + bh * Nkp / 2 * dv;
+      for (int64_t j2 = 0; j2 < Nkp / 2; ++j2)  // Vp[j2][c] = (V[2j2, c], V[2j2+1, c])
+        for (int64_t c = 0; c < dv; ++c) vp[j2 * dv + c] = pair(vat(2 * j2, c), vat(2 * j2 + 1, c));
+    }
+  });
+  return pk;
+}
+
+#define NANOGPT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+NANOGPT_BF16_TARGET inline __m512bh load_bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+NANOGPT_BF16_TARGET inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
+
+// S[r, 16·(g0+jj) + t] = scale · Σ_c2 Qp[r, c2]·Kp[g0+jj, c2, t] for r < kRows, jj < J.
+template <int J>
+NANOGPT_BF16_TARGET inline void scores_block(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
+                                             float* S, int64_t lds) {
+  __m512 acc[kRows][J];
+  for (int r = 0; r < kRows; ++r)
+    for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_setzero_ps();
+  for (int64_t c2 = 0; c2 < dh; ++c2) {
+    __m512bh k[J];
+    for (int jj = 0; jj < J; ++jj) k[jj] = load_bh(Kp + (jj * dh + c2) * 16);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh q = bcast_bh(Qp[r * dh + c2]);
+      for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_dpbf16_ps(acc[r][jj], q, k[jj]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int jj = 0; jj < J; ++jj) _mm512_storeu_ps(S + r * lds + jj * 16, _mm512_mul_ps(acc[r][jj], _mm512_set1_ps(scale)));
+}
+
+// O[r, 16·(f0+ff) + t] = alpha[r]·O[...] + Σ_j2 Pp[r, j2]·Vp[j2, 16·(f0+ff) + t], r < kRows, ff < F.
+template <int F>
+NANOGPT_BF16_TARGET inline void pv_block(const uint32_t* Pp, int64_t ldp, int64_t pairs, const uint32_t* Vp,
+                                         int64_t dv, const float* alpha, float* O) {
+  __m512 acc[kRows][F];
+  for (int r = 0; r < kRows; ++r)
+    for (int ff = 0; ff < F; ++ff) acc[r][ff] = _mm512_mul_ps(_mm512_loadu_ps(O + r * dv + ff * 16), _mm512_set1_ps(alpha[r]));
+  for (int64_t j2 = 0; j2 < pairs; ++j2) {
+    __m512bh v[F];
+    for (int ff = 0; ff < F; ++ff) v[ff] = load_bh(Vp + j2 * dv + ff * 16);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh pr = bcast_bh(Pp[r * ldp + j2]);
+      for (int ff = 0; ff < F; ++ff) acc[r][ff] = _mm512_dpbf16_ps(acc[r][ff], pr, v[ff]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int ff = 0; ff < F; ++ff) _mm512_storeu_ps(O + r * dv + ff * 16, acc[r][ff]);
+}
+
+// One query row's online softmax over a tile's scores s[0:vis) (keys past vis, up to n, are
+// masked): updates the running max m and sum l, writes P = 2^(s - m) as bfloat16 to p[0:n)
+// (zeros past vis) and returns the factor alpha by which the row's O must be rescaled.
+NANOGPT_BF16_TARGET float softmax_row(const float* s, int64_t vis, int64_t n, float& m, float& l, c10::BFloat16* p) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto masked = [&](int64_t j) {  // s[j:j+16] with lanes at or past vis at -inf
+    const __mmask16 keep = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(int(std::min<int64_t>(vis - j, 16))));
+    return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), keep, s + j);
+  };
+  vf vm = vsplat(kNegInf);
+  for (int64_t j = 0; j < vis; j += 16) vm = vmax(masked(j), vm);
+  const float m_new = vmax(hmax(vm), m);
+  if (m_new == kNegInf) {  // nothing seen yet: P is zero, O and l stay as they are (zero)
+    std::fill(p, p + n, c10::BFloat16(0.f));
+    return 1.f;
+  }
+  const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);  // NaN stays NaN
+  vf sum = {};
+  int64_t j = 0;
+  for (; j < vis; j += 16) {
+    const __m256bh e = _mm512_cvtneps_pbh((__m512)vexp2(masked(j) - m_new));  // rounded to nearest even
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)e);
+    sum += (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e), 16);  // the rounded values
+  }
+  std::fill(p + j, p + n, c10::BFloat16(0.f));
+  m = m_new;
+  l = l * alpha + hsum(sum);
+  return alpha;
+}
+
+// Packed Q, P, S, O and the row state of one thread's query block.
+struct Scratch {
+  uint32_t* Qp;          // (br, dh) feature pairs of the block's queries, zero rows past `rows`
+  float* S;              // (br, bc) scaled scores (log2 units)
+  c10::BFloat16* P;      // (br, bc) probabilities, row by row: (br, bc/2) key pairs
+  float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
+  static int64_t floats(int64_t br, int64_t bc, int64_t dh, int64_t dv) { return br * (dh + bc + bc / 2 + dv + 3); }
+  Scratch(float* base, int64_t br, int64_t bc, int64_t dh, int64_t dv)
+      : Qp(reinterpret_cast<uint32_t*>(base)), S(base + br * dh), P(reinterpret_cast<c10::BFloat16*>(S + br * bc)),
+        O(S + br * bc + br * bc / 2), m(O + br * dv), l(m + br), alpha(l + br) {}
+};
+
+NANOGPT_BF16_TARGET void tiles_avx512bf16(const Problem& p) {
+  // br: a multiple of kRows; bc: of 16 (whole key groups); neither past the problem
+  const int64_t br = round_up(std::min(p.br ? p.br : kBr, p.Nq), kRows);
+  const int64_t bc = round_up(std::min(p.bc ? p.bc : kBc, p.Nk), 16);
+  const int64_t dh = (p.d + 1) / 2, dv = round_up(p.d, 16), Hk = p.H / p.k.group;
+  const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, bc, dh, dv), 16);
+  const double bytes = double(threads) * double(per_thread) * sizeof(float);
+  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " bc=", bc,
+                   " need ", bytes / double(1 << 30), " GiB of scratch (about threads × br·(1.5·bc+2d)·4 bytes); "
+                   "choose smaller br and bc (the bfloat16 defaults are ", kBr, " and ", kBc, ")");
+  const Packed pk = pack_kv(p);
+  at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
+  float* scratch = scratch_t.data_ptr<float>();
+  const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
+  const uint32_t* Vall = reinterpret_cast<const uint32_t*>(pk.v.data_ptr<int32_t>());
+  const float qscale = p.scale * kLog2e;
+
+  const int64_t blocks = (p.Nq + br - 1) / br;
+  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
+    Scratch w(scratch + slot * per_thread, br, bc, dh, dv);
+    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), rows_p = round_up(rows, kRows);
+    const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
+    const int64_t kvh = b * Hk + h / p.k.group;
+    const uint32_t* Kp = Kall + kvh * pk.Nkp * dh;
+    const uint32_t* Vp = Vall + kvh * pk.Nkp / 2 * dv;
+
+    for (int64_t r = 0; r < rows_p; ++r) {
+      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
+      for (int64_t c2 = 0; c2 < dh; ++c2)
+        w.Qp[r * dh + c2] = r < rows ? pair(q[2 * c2], 2 * c2 + 1 < p.d ? q[2 * c2 + 1] : c10::BFloat16(0.f)) : 0u;
+    }
+    std::fill(w.O, w.O + rows_p * dv, 0.f);
+    std::fill(w.m, w.m + rows_p, kNegInf);
+    std::fill(w.l, w.l + rows_p, 0.f);
+
+    for (int64_t j0 = 0; j0 < kend; j0 += bc) {
+      const int64_t cols = std::min(bc, kend - j0), colsp = round_up(cols, 16), groups = colsp / 16;
+      const uint32_t* Kb = Kp + j0 / 16 * dh * 16;
+      for (int64_t r = 0; r < rows_p; r += kRows) {
+        int64_t g = 0;
+        for (; g + kGroups <= groups; g += kGroups)
+          scores_block<kGroups>(w.Qp + r * dh, dh, Kb + g * dh * 16, qscale, w.S + r * bc + g * 16, bc);
+        for (; g < groups; ++g) scores_block<1>(w.Qp + r * dh, dh, Kb + g * dh * 16, qscale, w.S + r * bc + g * 16, bc);
+      }
+      const int64_t diag = p.diag(i0, rows, j0, cols);
+      for (int64_t r = 0; r < rows_p; ++r) {
+        const int64_t vis = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [0, vis)
+        w.alpha[r] = softmax_row(w.S + r * bc, vis, colsp, w.m[r], w.l[r], w.P + r * bc);
+      }
+      const uint32_t* P = reinterpret_cast<const uint32_t*>(w.P);
+      const uint32_t* Vb = Vp + j0 / 2 * dv;
+      for (int64_t r = 0; r < rows_p; r += kRows)
+        for (int64_t f = 0; f < dv / 16; f += kFeats) {
+          const uint32_t* Pr = P + r * bc / 2;
+          float* Or = w.O + r * dv + f * 16;
+          switch (std::min<int64_t>(kFeats, dv / 16 - f)) {
+            case 1: pv_block<1>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
+            case 2: pv_block<2>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
+            case 3: pv_block<3>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
+            default: pv_block<4>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
+          }
+        }
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
+      float* o = w.O + r * dv;
+      normalise_row(o, o, w.l[r], p.d);
+      std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
+      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = w.l[r] == 0.f ? kNegInf : (w.m[r] + std::log2(w.l[r])) * float(M_LN2);
+    }
+  });
+}
+
+}  // namespace
+
+bool has_bf16_dot() {
+  static const bool cpu = __builtin_cpu_supports("avx512bf16");
+  return cpu && bf16_dot_enabled.load();
+}
+
+void set_bf16_dot(bool enabled) { bf16_dot_enabled = enabled; }
+
+void run_in_float32(const Problem& p, Kernel run) {
+  const int64_t Hk = p.H / p.k.group;
+  const at::Tensor q = widened(p.q, p.B, p.H, p.Nq, p.d), k = widened(p.k, p.B, Hk, p.Nk, p.d),
+                   v = widened(p.v, p.B, Hk, p.Nk, p.d), o = at::empty({p.B, p.H, p.Nq, p.d}, at::kFloat);
+  Problem f = p;
+  f.q = view(q), f.k = view(k, p.k.group), f.v = view(v, p.v.group), f.o = view(o), f.bf16 = false;
+  run(f);
+  at::from_blob(p.o.data, {p.B, p.H, p.Nq, p.d}, {p.o.sb, p.o.sh, p.o.sn, 1}, at::kBFloat16).copy_(o);
+}
+
+void flash_tiles_bf16(const Problem& p) {
+  if (has_bf16_dot())
+    tiles_avx512bf16(p);
+  else
+    run_in_float32(p, flash_attention);
+}
+
+}  // namespace nanogpt

@@ -1,0 +1,121 @@
+"""bfloat16: q, k, v in bfloat16 give a bfloat16 output, checked against SDPA in bfloat16 and
+the float64 reference (nanogpt.reference.compare_to_sdpa: at most twice SDPA-bfloat16's error).
+
+flash reads bfloat16 itself: its decode path widens K and V as it reads them, its tile path runs
+both matmuls on vdpbf16ps where the CPU has AVX-512 BF16 (`bf16_dot`), else on float32 copies,
+as the other variants do. The `dot` fixture runs each flash test both ways on a CPU that has it.
+"""
+import pytest
+import torch
+
+import nanogpt
+from conftest import SHAPES, nan_filled_empty, qkv
+from nanogpt.reference import compare_to_sdpa, compare_gradients
+
+VARIANTS = nanogpt.VARIANTS
+
+
+@pytest.fixture(params=["bf16_dot", "float32_copies"])
+def dot(request, ext):
+    """flash's bfloat16 tiles on vdpbf16ps, then on float32 copies (both ways only where the CPU
+    has AVX-512 BF16: elsewhere the first is the second)."""
+    on = request.param == "bf16_dot"
+    if on and not ext.build_info()["bf16_dot"]:
+        pytest.skip("this CPU has no AVX-512 BF16: the tiles run on float32 copies")
+    ext.extension().set_bf16_dot(on)
+    yield on
+    ext.extension().set_bf16_dot(True)
+
+
+def bf16(*tensors):
+    return [t.to(torch.bfloat16) for t in tensors]
+
+
+def check(nanogpt, q, k, v, variant, causal=False, scale=None, **kw):
+    with nan_filled_empty():  # an output element never written shows up as NaN
+        out = nanogpt.attention(q, k, v, variant=variant, causal=causal, scale=scale, **kw)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
+    ok, err, bound = compare_to_sdpa(out, q, k, v, causal, scale)
+    assert ok, f"{variant}: max error {err:.3g} > bound {bound:.3g} (twice SDPA-bfloat16's error)"
+    # tighter: the float32 kernel on the same (bfloat16) values, up to the rounding of P and of
+    # the output to bfloat16 (each 2^-9 relative): 2^-7 of the largest value
+    f32 = nanogpt.attention(q.float(), k.float(), v.float(), variant=variant, causal=causal, scale=scale, **kw)
+    err32 = (out.float() - f32).abs().max().item() if out.numel() else 0.0
+    assert err32 <= 2 ** -7 * max(v.float().abs().max().item() if v.numel() else 0.0, 1e-30), \
+        f"{variant}: {err32:.3g} from the float32 kernel on the same values"
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flash_matches_sdpa_bf16(ext, dot, causal, shape):
+    check(ext, *bf16(*qkv(*shape)), "flash", causal)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "flash"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7, 5), (1, 2, 65, 7, 8), (1, 2, 63, 63, 32)], ids=str)
+def test_other_variants_upcast(ext, variant, shape):
+    check(ext, *bf16(*qkv(*shape)), variant, causal=True)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 16, 31, 48, 80, 128])
+def test_flash_head_dims(ext, dot, d):
+    check(ext, *bf16(*qkv(2, 2, 37, 41, d, seed=d)), "flash", causal=bool(d % 2))
+
+
+@pytest.mark.parametrize("br,bc", [(1, 1), (3, 17), (16, 16), (5, 96), (96, 48), (1000, 2000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_tiles(ext, dot, br, bc, causal):
+    check(ext, *bf16(*qkv(1, 2, 130, 130, 32, seed=br + bc)), "flash", causal, br=br, bc=bc)
+    check(ext, *bf16(*qkv(1, 1, 9, 200, 20, seed=br * bc)), "flash", causal, br=br, bc=bc)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 8])
+@pytest.mark.parametrize("nk", [1, 511, 1500])
+def test_decode_path(ext, nq, nk):
+    """A KV-cache step in bfloat16 (several key spans merged at 1500)."""
+    check(ext, *bf16(*qkv(2, 3, nq, nk, 64, seed=nk)), "flash", causal=True)
+
+
+def test_strided_and_grouped(ext, dot):
+    """nanoGPT's transposed layout read in place, a zero batch stride, grouped kv heads."""
+    B, T, H, hs = 2, 45, 4, 16
+    x = torch.randn(B, T, 3 * H * hs).to(torch.bfloat16)
+    q, k, v = (t.view(B, T, H, hs).transpose(1, 2) for t in x.split(H * hs, dim=2))
+    check(ext, q, k, v, "flash", causal=True)
+    q, k, v = bf16(*qkv(2, 4, 40, 40, 24))
+    check(ext, q, k[:1, :2].expand(2, -1, -1, -1), v[:, :2], "flash", causal=True, enable_gqa=True)
+    check(ext, q[:, :, :3], k[:, :1], v[:, :1], "flash", causal=True, enable_gqa=True)  # decode path
+
+
+def test_large_scores_stay_finite(ext, dot):
+    """Scores of a few thousand: the running max keeps every exp2 in range."""
+    q, k, v = qkv(1, 2, 100, 100, 32, seed=3)
+    q = q * 60
+    out = check(ext, *bf16(q, k, v), "flash", causal=True)
+    assert torch.isfinite(out).all()
+
+
+def test_dtypes_must_match(ext):
+    q, k, v = qkv(1, 1, 4, 4, 8)
+    with pytest.raises(TypeError, match="k and v must have q's dtype"):
+        ext.attention(q.bfloat16(), k, v.bfloat16())
+    with pytest.raises(TypeError, match="q must be float32 or bfloat16"):
+        ext.attention(q.half(), k.half(), v.half())
+
+
+@pytest.mark.parametrize("variant", ["naive", "flash"])
+def test_training_in_bf16(ext, variant):
+    """Gradients of bfloat16 inputs are bfloat16, and close to the float64 ones (the backward
+    runs on float32 copies: its error is the inputs' and outputs' bfloat16 rounding)."""
+    q, k, v = bf16(*qkv(2, 2, 33, 33, 16, seed=5))
+    dout = torch.randn(q.shape).bfloat16()
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ext.attention(*ins, variant=variant, causal=True)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, ins, dout)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    exact = compare_gradients([g.float() for g in grads], q.float(), k.float(), v.float(), dout.float(), causal=True)
+    for name, _, err, _ in exact:
+        ref = {"dq": grads[0], "dk": grads[1], "dv": grads[2]}[name].float().abs().max().item()
+        assert err <= 0.02 * max(ref, 1.0), f"{name}: error {err:.3g} against float64 (largest {ref:.3g})"
