@@ -24,11 +24,14 @@ namespace nanogpt {
 
 namespace {
 
-constexpr int kRows = 4;     // query rows per register block (both matmuls)
-constexpr int kGroups = 4;   // 16-key groups per register block of S (kRows × kGroups accumulators)
-constexpr int kFeats = 4;    // 16-feature vectors per register block of P·V
-constexpr int64_t kBr = 64;  // default tile: 64 queries (a multiple of kRows) ...
-constexpr int64_t kBc = 64;  // ... × 64 keys (a multiple of 16)
+constexpr int kRows = 4;          // query rows per register block (both matmuls)
+constexpr int kFeats = 4;         // 16-feature vectors per register block of P·V
+constexpr int64_t kMaxKeys = 64;  // keys per step at most: kRows × 4 groups of 16 score accumulators
+// Default tile: 64 keys (kMaxKeys: 32 measured 10-20% slower) × 64 queries, 128 for d > 64 (fewer
+// passes over the larger K and V: +9% at d = 128). Measured on a Zen 4 EPYC (2026-12-02), where
+// the query rows mattered little otherwise (16 to 128 within 5% at d = 32 and 64).
+constexpr int64_t kBc = 64;
+int64_t default_br(int64_t d) { return d > 64 ? 128 : 64; }
 
 std::atomic<bool> bf16_dot_enabled{true};
 
@@ -78,100 +81,133 @@ Packed pack_kv(const Problem& p) {
 }
 
 #define NANOGPT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// The two register-blocked kernels are not inlined into the tile loop: inlined, GCC spilled
+// their accumulators and K vectors to the stack (perf: a third of the time in reloads).
+#define NANOGPT_BF16_KERNEL __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 NANOGPT_BF16_TARGET inline __m512bh load_bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 NANOGPT_BF16_TARGET inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
 
-// S[r, 16·(g0+jj) + t] = scale · Σ_c2 Qp[r, c2]·Kp[g0+jj, c2, t] for r < kRows, jj < J.
+// 2^x for x <= 0 (or NaN): a degree-4 polynomial on the fraction (relative error 4e-5, far below
+// the 2^-9 of the bfloat16 P it becomes) scaled by vscalefps, which takes x <= -200 (and -inf,
+// clamped there) to exactly 0. NaN stays NaN: vmaxps returns its second operand on NaN.
+NANOGPT_BF16_TARGET inline __m512 exp2_le0(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.6181291076284772e-3f), f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One step of kRows query rows against J groups of 16 keys, held in registers from the score
+// matmul through the softmax: S = scale·Q·Kᵀ (lanes past vis[r] masked to -inf when `masked`),
+// the rows' running max m and sum l updated, P = 2^(S - m) written as bfloat16 to P + r·ldp,
+// and alpha[r], the factor by which row r's O must be rescaled before this step's P·V.
+// A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
 template <int J>
-NANOGPT_BF16_TARGET inline void scores_block(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
-                                             float* S, int64_t lds) {
-  __m512 acc[kRows][J];
+NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
+                                        const int64_t* vis, bool masked, float* m, float* l, float* alpha,
+                                        c10::BFloat16* P, int64_t ldp) {
+  __m512 s[kRows][J];
   for (int r = 0; r < kRows; ++r)
-    for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_setzero_ps();
+    for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_setzero_ps();
   for (int64_t c2 = 0; c2 < dh; ++c2) {
     __m512bh k[J];
     for (int jj = 0; jj < J; ++jj) k[jj] = load_bh(Kp + (jj * dh + c2) * 16);
     for (int r = 0; r < kRows; ++r) {
       const __m512bh q = bcast_bh(Qp[r * dh + c2]);
-      for (int jj = 0; jj < J; ++jj) acc[r][jj] = _mm512_dpbf16_ps(acc[r][jj], q, k[jj]);
+      for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_dpbf16_ps(s[r][jj], q, k[jj]);
     }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int jj = 0; jj < J; ++jj) _mm512_storeu_ps(S + r * lds + jj * 16, _mm512_mul_ps(acc[r][jj], _mm512_set1_ps(scale)));
+  // Branch-free from here, so that the rows' reductions and exponentials overlap. A row that
+  // has seen no key yet subtracts 0 instead of its max (-inf): its P is 0 and alpha 0 (O = 0).
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  float sub[kRows], shift[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    __m512 mx = _mm512_set1_ps(kNegInf);
+    for (int jj = 0; jj < J; ++jj) {
+      s[r][jj] = _mm512_mul_ps(s[r][jj], _mm512_set1_ps(scale));
+      if (masked) {
+        const __mmask16 keep = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(int(std::clamp<int64_t>(vis[r] - 16 * jj, 0, 16))));
+        s[r][jj] = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), keep, s[r][jj]);
+      }
+      mx = _mm512_max_ps(s[r][jj], mx);
+    }
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    sub[r] = m_new == kNegInf ? 0.f : m_new;
+    shift[r] = m[r] - sub[r];  // <= 0, or -inf
+    m[r] = m_new;
+  }
+  _mm512_mask_storeu_ps(alpha, (1u << kRows) - 1, exp2_le0(_mm512_maskz_loadu_ps((1u << kRows) - 1, shift)));
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 mv = _mm512_set1_ps(sub[r]);
+    c10::BFloat16* pr = P + r * ldp;
+    __m512 sum = _mm512_setzero_ps();
+    for (int jj = 0; jj < J; jj += 2) {
+      const __m512 e0 = exp2_le0(_mm512_sub_ps(s[r][jj], mv));
+      if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
+        const __m512 e1 = exp2_le0(_mm512_sub_ps(s[r][jj + 1], mv));
+        const __m512bh pb = _mm512_cvtne2ps_pbh(e1, e0);
+        _mm512_storeu_si512(pr + 16 * jj, (__m512i)pb);
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)pb)));
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)pb, 1)));
+      } else {
+        const __m256bh pb = _mm512_cvtneps_pbh(e0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), (__m256i)pb);
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pb));
+      }
+    }
+    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);  // the rounded weights: O / l divides by what was multiplied
+  }
 }
 
-// O[r, 16·(f0+ff) + t] = alpha[r]·O[...] + Σ_j2 Pp[r, j2]·Vp[j2, 16·(f0+ff) + t], r < kRows, ff < F.
-template <int F>
-NANOGPT_BF16_TARGET inline void pv_block(const uint32_t* Pp, int64_t ldp, int64_t pairs, const uint32_t* Vp,
-                                         int64_t dv, const float* alpha, float* O) {
-  __m512 acc[kRows][F];
-  for (int r = 0; r < kRows; ++r)
+// O[r, 16·ff + t] = alpha[r]·O[r, 16·ff + t] + Σ_j2 Pp[r, j2]·Vp[j2, 16·ff + t] for r < R, ff < F.
+// R·F accumulators: R = 8 rows where F <= 2, so that 16 dot products are in flight.
+template <int R, int F>
+NANOGPT_BF16_KERNEL void pv_block(const uint32_t* Pp, int64_t ldp, int64_t pairs, const uint32_t* Vp, int64_t dv,
+                                  const float* alpha, float* O) {
+  __m512 acc[R][F];
+  for (int r = 0; r < R; ++r)
     for (int ff = 0; ff < F; ++ff) acc[r][ff] = _mm512_mul_ps(_mm512_loadu_ps(O + r * dv + ff * 16), _mm512_set1_ps(alpha[r]));
   for (int64_t j2 = 0; j2 < pairs; ++j2) {
     __m512bh v[F];
     for (int ff = 0; ff < F; ++ff) v[ff] = load_bh(Vp + j2 * dv + ff * 16);
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m512bh pr = bcast_bh(Pp[r * ldp + j2]);
       for (int ff = 0; ff < F; ++ff) acc[r][ff] = _mm512_dpbf16_ps(acc[r][ff], pr, v[ff]);
     }
   }
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
     for (int ff = 0; ff < F; ++ff) _mm512_storeu_ps(O + r * dv + ff * 16, acc[r][ff]);
 }
 
-// One query row's online softmax over a tile's scores s[0:vis) (keys past vis, up to n, are
-// masked): updates the running max m and sum l, writes P = 2^(s - m) as bfloat16 to p[0:n)
-// (zeros past vis) and returns the factor alpha by which the row's O must be rescaled.
-NANOGPT_BF16_TARGET float softmax_row(const float* s, int64_t vis, int64_t n, float& m, float& l, c10::BFloat16* p) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  auto masked = [&](int64_t j) {  // s[j:j+16] with lanes at or past vis at -inf
-    const __mmask16 keep = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(int(std::min<int64_t>(vis - j, 16))));
-    return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), keep, s + j);
-  };
-  vf vm = vsplat(kNegInf);
-  for (int64_t j = 0; j < vis; j += 16) vm = vmax(masked(j), vm);
-  const float m_new = vmax(hmax(vm), m);
-  if (m_new == kNegInf) {  // nothing seen yet: P is zero, O and l stay as they are (zero)
-    std::fill(p, p + n, c10::BFloat16(0.f));
-    return 1.f;
-  }
-  const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);  // NaN stays NaN
-  vf sum = {};
-  int64_t j = 0;
-  for (; j < vis; j += 16) {
-    const __m256bh e = _mm512_cvtneps_pbh((__m512)vexp2(masked(j) - m_new));  // rounded to nearest even
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)e);
-    sum += (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)e), 16);  // the rounded values
-  }
-  std::fill(p + j, p + n, c10::BFloat16(0.f));
-  m = m_new;
-  l = l * alpha + hsum(sum);
-  return alpha;
-}
-
-// Packed Q, P, S, O and the row state of one thread's query block.
+// Packed Q, P, O and the row state of one thread's query block.
 struct Scratch {
-  uint32_t* Qp;          // (br, dh) feature pairs of the block's queries, zero rows past `rows`
-  float* S;              // (br, bc) scaled scores (log2 units)
-  c10::BFloat16* P;      // (br, bc) probabilities, row by row: (br, bc/2) key pairs
+  uint32_t* Qp;              // (br, dh) feature pairs of the block's queries, zero rows past `rows`
+  c10::BFloat16* P;          // (br, bc) probabilities, row by row: (br, bc/2) key pairs
   float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
-  static int64_t floats(int64_t br, int64_t bc, int64_t dh, int64_t dv) { return br * (dh + bc + bc / 2 + dv + 3); }
+  int64_t* vis;              // per row: keys of the step it sees
+  static int64_t floats(int64_t br, int64_t bc, int64_t dh, int64_t dv) { return br * (dh + bc / 2 + dv + 5); }
   Scratch(float* base, int64_t br, int64_t bc, int64_t dh, int64_t dv)
-      : Qp(reinterpret_cast<uint32_t*>(base)), S(base + br * dh), P(reinterpret_cast<c10::BFloat16*>(S + br * bc)),
-        O(S + br * bc + br * bc / 2), m(O + br * dv), l(m + br), alpha(l + br) {}
+      : Qp(reinterpret_cast<uint32_t*>(base)), P(reinterpret_cast<c10::BFloat16*>(base + br * dh)),
+        O(base + br * dh + br * bc / 2), m(O + br * dv), l(m + br), alpha(l + br),
+        vis(reinterpret_cast<int64_t*>(alpha + br)) {}
 };
 
-NANOGPT_BF16_TARGET void tiles_avx512bf16(const Problem& p) {
-  // br: a multiple of kRows; bc: of 16 (whole key groups); neither past the problem
-  const int64_t br = round_up(std::min(p.br ? p.br : kBr, p.Nq), kRows);
-  const int64_t bc = round_up(std::min(p.bc ? p.bc : kBc, p.Nk), 16);
+void tiles_avx512bf16(const Problem& p) {
+  // br: a multiple of kRows; bc: 16 to kMaxKeys keys, a multiple of 16 (whole key groups in
+  // registers); neither past the problem
+  const int64_t br = round_up(std::min(p.br ? p.br : default_br(p.d), p.Nq), kRows);
+  const int64_t bc = std::min(round_up(std::min(p.bc ? p.bc : kBc, p.Nk), 16), kMaxKeys);
   const int64_t dh = (p.d + 1) / 2, dv = round_up(p.d, 16), Hk = p.H / p.k.group;
   const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, bc, dh, dv), 16);
   const double bytes = double(threads) * double(per_thread) * sizeof(float);
-  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " bc=", bc,
-                   " need ", bytes / double(1 << 30), " GiB of scratch (about threads × br·(1.5·bc+2d)·4 bytes); "
-                   "choose smaller br and bc (the bfloat16 defaults are ", kBr, " and ", kBc, ")");
+  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
+                   bytes / double(1 << 30), " GiB of scratch (about threads × br·(bc/2+2d)·4 bytes); "
+                   "choose a smaller br (the bfloat16 default is ", default_br(p.d), ")");
   const Packed pk = pack_kv(p);
   at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
   float* scratch = scratch_t.data_ptr<float>();
@@ -198,32 +234,49 @@ NANOGPT_BF16_TARGET void tiles_avx512bf16(const Problem& p) {
     std::fill(w.l, w.l + rows_p, 0.f);
 
     for (int64_t j0 = 0; j0 < kend; j0 += bc) {
-      const int64_t cols = std::min(bc, kend - j0), colsp = round_up(cols, 16), groups = colsp / 16;
-      const uint32_t* Kb = Kp + j0 / 16 * dh * 16;
-      for (int64_t r = 0; r < rows_p; r += kRows) {
-        int64_t g = 0;
-        for (; g + kGroups <= groups; g += kGroups)
-          scores_block<kGroups>(w.Qp + r * dh, dh, Kb + g * dh * 16, qscale, w.S + r * bc + g * 16, bc);
-        for (; g < groups; ++g) scores_block<1>(w.Qp + r * dh, dh, Kb + g * dh * 16, qscale, w.S + r * bc + g * 16, bc);
-      }
-      const int64_t diag = p.diag(i0, rows, j0, cols);
+      const int64_t cols = std::min(bc, kend - j0), colsp = round_up(cols, 16), diag = p.diag(i0, rows, j0, cols);
+      bool masked = false;  // some row sees fewer than colsp keys of this step
       for (int64_t r = 0; r < rows_p; ++r) {
-        const int64_t vis = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [0, vis)
-        w.alpha[r] = softmax_row(w.S + r * bc, vis, colsp, w.m[r], w.l[r], w.P + r * bc);
+        w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
+        masked |= w.vis[r] < colsp;
+      }
+      const uint32_t* Kb = Kp + j0 * dh;  // groups j0/16.. of 16·dh words each
+      for (int64_t r = 0; r < rows_p; r += kRows) {
+        auto step = [&](auto groups) {
+          scores_softmax<decltype(groups)::value>(w.Qp + r * dh, dh, Kb, qscale, w.vis + r, masked, w.m + r, w.l + r,
+                                                  w.alpha + r, w.P + r * bc, bc);
+        };
+        switch (colsp / 16) {
+          case 1: step(std::integral_constant<int, 1>{}); break;
+          case 2: step(std::integral_constant<int, 2>{}); break;
+          case 3: step(std::integral_constant<int, 3>{}); break;
+          default: step(std::integral_constant<int, 4>{}); break;
+        }
       }
       const uint32_t* P = reinterpret_cast<const uint32_t*>(w.P);
       const uint32_t* Vb = Vp + j0 / 2 * dv;
-      for (int64_t r = 0; r < rows_p; r += kRows)
-        for (int64_t f = 0; f < dv / 16; f += kFeats) {
-          const uint32_t* Pr = P + r * bc / 2;
-          float* Or = w.O + r * dv + f * 16;
-          switch (std::min<int64_t>(kFeats, dv / 16 - f)) {
-            case 1: pv_block<1>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
-            case 2: pv_block<2>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
-            case 3: pv_block<3>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
-            default: pv_block<4>(Pr, bc / 2, colsp / 2, Vb + f * 16, dv, w.alpha + r, Or); break;
+      for (int64_t f = 0; f < dv / 16; f += kFeats) {
+        const int64_t nf = std::min<int64_t>(kFeats, dv / 16 - f);
+        int64_t r = 0;
+        auto block = [&](auto rows_c, auto feats_c) {
+          pv_block<decltype(rows_c)::value, decltype(feats_c)::value>(P + r * bc / 2, bc / 2, colsp / 2, Vb + f * 16, dv,
+                                                                      w.alpha + r, w.O + r * dv + f * 16);
+        };
+        using I1 = std::integral_constant<int, 1>;
+        using I2 = std::integral_constant<int, 2>;
+        using I3 = std::integral_constant<int, 3>;
+        using I4 = std::integral_constant<int, 4>;
+        using I8 = std::integral_constant<int, 8>;
+        for (; nf <= 2 && r + 8 <= rows_p; r += 8) nf == 1 ? block(I8{}, I1{}) : block(I8{}, I2{});
+        for (; r < rows_p; r += kRows) {
+          switch (nf) {
+            case 1: block(I4{}, I1{}); break;
+            case 2: block(I4{}, I2{}); break;
+            case 3: block(I4{}, I3{}); break;
+            default: block(I4{}, I4{}); break;
           }
         }
+      }
     }
 
     for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
