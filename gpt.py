@@ -23,6 +23,7 @@ import torch
 from nanogpt.sample import MODELS
 
 FIXED = ("bench", "sweep", "tune", "train")  # the commands that are not parts
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # --dtype
 SHAPE = {"N": 1024, "B": 1, "H": 4, "d": 32}  # the parts' default shape (the course's)
 INFERENCE = {"model": "shakes128", "samples": 10, "temperature": 0.8, "top_k": 200, "seed": 1337,
              "prompt": "\n", "no_kv_cache": False, "corpus": None, "tokenizer": None, "max_new_tokens": None,
@@ -112,6 +113,9 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
                    help="timed repetitions, median kept (default 7; --decode 15, --backward 7)")
     b.add_argument("--variants", default=None, help="comma-separated variants (default: the whole dispatch table)")
     b.add_argument("--json", default=None, help="save the table to this JSON file")
+    b.add_argument("--dtype", choices=("float32", "bf16"), default="float32",
+                   help="q, k, v (and SDPA's) in this dtype (bf16: bfloat16; %%peak then of the bf16 dot peak "
+                        "where the CPU has AVX-512 BF16)")
     kind = b.add_mutually_exclusive_group()
     kind.add_argument("--decode", action="store_true",
                       help="time flash's decode path (KV-cache steps: few queries, long caches) against SDPA instead")
@@ -180,7 +184,8 @@ def check(p: argparse.ArgumentParser, args) -> None:
     if args.command == "bench" and (args.decode or args.backward):
         given = list(given_shape)
         given += [flag for flag, on in (("--variants", args.variants), ("--json", args.json and args.decode),
-                                        ("--causal/--non-causal", args.mask)) if on]
+                                        ("--causal/--non-causal", args.mask),
+                                        ("--dtype", args.backward and args.dtype != "float32")) if on]
         if given:
             what = "--decode" if args.decode else "--backward"
             sub.error(f"{what} times its own shapes with flash and SDPA: drop {', '.join(given)}")
@@ -228,13 +233,14 @@ def main(argv=None) -> int:
     from nanogpt import bench
 
     if args.command == "bench" and args.decode:
-        return 0 if bench.bench_decode(repeat=args.repeat or 15) else 1
+        return 0 if bench.bench_decode(repeat=args.repeat or 15, dtype=DTYPES[args.dtype]) else 1
     if args.command == "bench" and args.backward:
         return 0 if bench.bench_backward(repeat=args.repeat or 7, json_path=args.json) else 1
     if args.command == "bench":
         shapes = [(args.B, args.H, args.N, args.d)] if args.shape_given else bench.BENCH_SHAPES
         causals = {"causal": (True,), "none": (False,), None: (False, True)}[args.mask]
-        return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat or 7, json_path=args.json) else 1
+        return 0 if bench.bench(shapes, causals, variants=args.variants, repeat=args.repeat or 7, json_path=args.json,
+                                dtype=DTYPES[args.dtype]) else 1
     if args.command == "sweep":
         result = bench.sweep(args.B, args.H, args.N, args.d, args.causal, repeat=args.repeat, png=args.png)
         if args.save:

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <immintrin.h>
 
 #include "simd.h"
 
@@ -41,21 +42,42 @@ int64_t fma_chains(double seconds, float* sink) {
   return steps * kChains * kW;
 }
 
-}  // namespace
+// The same with vdpbf16ps (two bfloat16 multiply-adds per float32 lane): the ceiling of the
+// bfloat16 flash tiles (bf16.cpp). x ← x + a·a + a·a with a = 2^-24: x stays near 1, as long as
+// it runs.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) int64_t bf16_dot_chains(double seconds, float* sink) {
+  using clock = std::chrono::steady_clock;
+  __m512 acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(1.0f + 0.01f * c);
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3380);  // bfloat16 2^-24 in every element
+  const auto end = clock::now() + std::chrono::duration<double>(seconds);
+  int64_t steps = 0;
+  do {
+    for (int64_t s = 0; s < kStepsPerCheck; ++s) {
+#pragma GCC unroll 16
+      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, a);
+    }
+    steps += kStepsPerCheck;
+  } while (clock::now() < end);
+  float total = 0.f;
+  for (int c = 0; c < kChains; ++c) total += _mm512_reduce_add_ps(acc[c]);
+  *sink = total;
+  return steps * kChains * 32;  // 32 multiply-adds per instruction
+}
 
-// GFLOP/s (2 flops per multiply-add) of `threads` threads each running FMA chains for
-// `seconds`, over the wall time of the whole run (torch's intra-op threads: asking for more
-// than torch.get_num_threads() runs some of them one after the other, and the figure says so).
-double fma_peak_gflops(int64_t threads, double seconds) {
+// GFLOP/s of `threads` threads each running `chains` for `seconds`, over the whole run's wall
+// time; 0 for no chains (an instruction this CPU lacks).
+double peak_gflops(int64_t threads, double seconds, int64_t (*chains)(double, float*)) {
   TORCH_CHECK_VALUE(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got ", threads);
   TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "seconds must be in (0, 10], got ", seconds);
+  if (!chains) return 0.0;
   std::atomic<int64_t> fmas{0};
   volatile float sink = 0.f;  // keeps the chains' results alive
   const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float s = 0.f;
-      fmas += fma_chains(seconds, &s);
+      fmas += chains(seconds, &s);
       sink = sink + s;
     }
   });
@@ -63,10 +85,24 @@ double fma_peak_gflops(int64_t threads, double seconds) {
   return 2.0 * double(fmas.load()) / wall / 1e9;
 }
 
+}  // namespace
+
+// GFLOP/s (2 flops per multiply-add) of `threads` threads each running FMA chains for
+// `seconds`, over the wall time of the whole run (torch's intra-op threads: asking for more
+// than torch.get_num_threads() runs some of them one after the other, and the figure says so).
+double fma_peak_gflops(int64_t threads, double seconds) { return peak_gflops(threads, seconds, fma_chains); }
+
+// The same for vdpbf16ps; 0 on a CPU without AVX-512 BF16.
+double bf16_dot_peak_gflops(int64_t threads, double seconds) {
+  return peak_gflops(threads, seconds, __builtin_cpu_supports("avx512bf16") ? bf16_dot_chains : nullptr);
+}
+
 void add_peak_entry_points(pybind11::module_& m) {
   using pybind11::arg;
   m.def("fma_peak_gflops", &fma_peak_gflops, arg("threads"), arg("seconds"),
         "measured FMA throughput in GFLOP/s of `threads` threads for about `seconds` each");
+  m.def("bf16_dot_peak_gflops", &bf16_dot_peak_gflops, arg("threads"), arg("seconds"),
+        "the same for AVX-512 BF16's vdpbf16ps (bfloat16 pairs into float32); 0 without it");
 }
 
 }  // namespace nanogpt

@@ -133,16 +133,20 @@ def part(variant: str, B=1, H=4, N=1024, d=32, causal=False, br=None, bc=None, r
 # gpt.py bench
 
 
-def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, json_path=None) -> bool:
+def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, json_path=None,
+          dtype=torch.float32) -> bool:
     """Verifies every variant, then times each variant × shape × mask interleaved with SDPA.
-    variants defaults to the whole dispatch table (nanogpt.VARIANTS); PART0 may be named too."""
+    variants defaults to the whole dispatch table (nanogpt.VARIANTS); PART0 may be named too.
+    dtype: of q, k, v and so of SDPA too (bfloat16: %peak of the bf16 dot peak, where there is one)."""
     variants = list(variants or nanogpt.VARIANTS)
     print(header())
+    if dtype != torch.float32:
+        print(f"dtype: {dtype} (q, k, v and SDPA's)")
     print("verifying every variant against SDPA first ...")
     all_ok = True
     for variant in variants:
         for (B, H, N, d), causal in [((2, 3, 77, 16), False), ((1, 2, 300, 32), True), ((1, 1, 129, 64), True)]:
-            q, k, v = random_qkv(B, H, N, d, seed=N)
+            q, k, v = (t.to(dtype) for t in random_qkv(B, H, N, d, seed=N))
             ok, err, bound = compare_to_sdpa(run(variant, q, k, v, causal), q, k, v, causal)
             all_ok &= ok
             if not ok:
@@ -153,14 +157,16 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
     sgemm = interleaved_medians({"sgemm": lambda: a @ b}, repeat)["sgemm"]
     print(f"all match. this machine's square sgemm (torch a @ b, 2048³): {2 * 2048**3 / sgemm / 1e9:.0f} GFLOP/s")
     print(f"timing: median of {repeat}, every variant interleaved with SDPA in one loop\n")
-    peak = host_info()["fma_peak_gflops"]
+    peak_name, peak = "FMA peak", host_info()["fma_peak_gflops"]
+    if dtype == torch.bfloat16 and host_info()["bf16_peak_gflops"]:
+        peak_name, peak = "bf16 dot peak (vdpbf16ps)", host_info()["bf16_peak_gflops"]
     title = (f"{'shape':<22}{'causal':<8}{'variant':<9}{'ms':>10}{'GFLOP/s':>10}{'%peak':>7}{'xSDPA':>8}"
              f"{'xnaive':>8}  load")
     print(title)
     print("-" * len(title))
     rows, busy = [], []
     for (B, H, N, d) in shapes:
-        q, k, v = random_qkv(B, H, N, d)
+        q, k, v = (t.to(dtype) for t in random_qkv(B, H, N, d))
         for causal in causals:
             fns = {"sdpa": lambda: sdpa(q, k, v, causal)}
             fns.update({name: (lambda name=name: run(name, q, k, v, causal)) for name in variants})
@@ -178,7 +184,7 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
                 print(f"{f'B{B} H{H} N{N} d{d}':<22}{str(causal):<8}{name:<9}{row['ms']:10.2f}"
                       f"{row['gflops']:10.1f}{row['peak_share']:7.0%}{row['x_sdpa']:8.2f}{xn}"
                       f"  {'BUSY' if load.busy else 'quiet'}")
-    print("\n%peak: the row's useful GFLOP/s as a share of this host's measured FMA peak "
+    print(f"\n%peak: the row's useful GFLOP/s as a share of this host's measured {peak_name} "
           f"({peak:.0f} GFLOP/s on {host_info()['threads']} threads)")
     if busy:
         print("rows marked BUSY were timed while other processes competed for the CPUs; do not trust them:")
@@ -186,7 +192,7 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
             print("  " + line)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"host": host_info(), "build": nanogpt.build_info(), "repeat": repeat,
+            json.dump({"host": host_info(), "build": nanogpt.build_info(), "repeat": repeat, "dtype": str(dtype),
                        "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9, "rows": rows}, f, indent=1)
         print(f"\nsaved {json_path}")
     return True
@@ -201,20 +207,23 @@ DECODE_SHAPES = [  # (B, H, Nq, Nk, d)
 ]
 
 
-def bench_decode(shapes=DECODE_SHAPES, repeat=15) -> bool:
+def bench_decode(shapes=DECODE_SHAPES, repeat=15, dtype=torch.float32) -> bool:
     """flash's decode path against SDPA on KV-cache steps (causal, bottom-right: every query
     sees the whole cache but the last Nq-1 keys' tail), verified first, then timed interleaved.
     Decode is bound by reading K and V, so it is reported as bandwidth: bytes of K and V per
-    second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum())."""
+    second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum()).
+    dtype: of q and the cache (bfloat16: half the bytes), and so of SDPA too."""
     print(header())
+    if dtype != torch.float32:
+        print(f"dtype: {dtype} (q, the cache and SDPA's)")
     rows, ok_all = [], True
     title = f"{'shape (B H Nq Nk d)':<24}{'flash us':>10}{'sdpa us':>10}{'xSDPA':>8}{'GB/s':>8}{'read GB/s':>11}  load"
     print(title)
     print("-" * len(title))
     for (B, H, Nq, Nk, d) in shapes:
         g = torch.Generator().manual_seed(Nk)
-        q = torch.randn(B, H, Nq, d, generator=g)
-        cache = torch.randn(2, B, H, Nk + 64, d, generator=g)  # a preallocated cache, read through views
+        q = torch.randn(B, H, Nq, d, generator=g).to(dtype)
+        cache = torch.randn(2, B, H, Nk + 64, d, generator=g).to(dtype)  # a preallocated cache, read through views
         k, v = cache[0, :, :, :Nk], cache[1, :, :, :Nk]
         ok, err, bound = compare_to_sdpa(nanogpt.attention(q, k, v, causal=True), q, k, v, True)
         ok_all &= ok
@@ -232,7 +241,7 @@ def bench_decode(shapes=DECODE_SHAPES, repeat=15) -> bool:
             fns["sdpa"]()
             number = max(1, int(1e-3 / (time.perf_counter() - start)))
             t = interleaved_medians(fns, repeat, warmup=2, number=number)
-        nbytes = 2 * B * H * Nk * d * 4
+        nbytes = 2 * B * H * Nk * d * cache.element_size()
         row = dict(B=B, H=H, Nq=Nq, Nk=Nk, d=d, flash_us=t["flash"] * 1e6, sdpa_us=t["sdpa"] * 1e6,
                    x_sdpa=t["sdpa"] / t["flash"], gbs=nbytes / t["flash"] / 1e9, read_gbs=nbytes / t["read"] / 1e9,
                    busy=load.busy)

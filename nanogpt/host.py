@@ -1,7 +1,7 @@
 """What a timing ran on, and whether to trust it: the CPU, its measured FMA peak, and how busy
 the machine was while we timed.
 
-    host_info()           {"cpu": model name, "simd": ..., "threads": n, "fma_peak_gflops": x}
+    host_info()           {"cpu": model name, "simd": ..., "threads": n, "fma_peak_gflops": x, "bf16_peak_gflops": y}
     with LoadWatch() as w: ...time something...
     w.busy, w.verdict()   did other processes compete for our CPUs (from /proc/stat)?
 
@@ -47,7 +47,8 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def host_info(threads: int | None = None, seconds: float = 0.3) -> dict:
-    """{cpu, simd, threads, fma_peak_gflops}: measured once per process (about `seconds`),
+    """{cpu, simd, threads, fma_peak_gflops, bf16_peak_gflops (0 without AVX-512 BF16)}: measured
+    once per process (about `seconds` each),
     with torch's thread count unless given. The peak is what the same CPUs reach on
     independent FMA chains (csrc/peak.cpp): the ceiling every GFLOP/s figure is a share of."""
     import nanogpt
@@ -55,12 +56,15 @@ def host_info(threads: int | None = None, seconds: float = 0.3) -> dict:
     threads = threads or torch.get_num_threads()
     ext = nanogpt.extension()
     return {"cpu": cpu_model(), "simd": ext.compiled_info().get("cxx_simd", "?"), "threads": threads,
-            "fma_peak_gflops": ext.fma_peak_gflops(threads, seconds)}
+            "fma_peak_gflops": ext.fma_peak_gflops(threads, seconds),
+            "bf16_peak_gflops": ext.bf16_dot_peak_gflops(threads, seconds)}
 
 
 def format_host(info: dict) -> str:
+    bf16 = info.get("bf16_peak_gflops")
     return (f"host: {info['cpu']} ({info['simd']}), {info['threads']} threads, "
-            f"FMA peak {info['fma_peak_gflops']:.0f} GFLOP/s (measured now)")
+            f"FMA peak {info['fma_peak_gflops']:.0f} GFLOP/s"
+            + (f", bf16 dot peak {bf16:.0f} GFLOP/s (vdpbf16ps)" if bf16 else "") + " (measured now)")
 
 
 # ---------------------------------------------------------------------------------------

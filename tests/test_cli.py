@@ -256,15 +256,20 @@ def test_cpu_model_from_cpuinfo():
 
 def test_host_info(ext):
     info = host.host_info()
-    assert set(info) == {"cpu", "simd", "threads", "fma_peak_gflops"}
+    assert set(info) == {"cpu", "simd", "threads", "fma_peak_gflops", "bf16_peak_gflops"}
     assert math.isfinite(info["fma_peak_gflops"]) and info["fma_peak_gflops"] > 0
     assert "FMA peak" in host.format_host(info)
+    # vdpbf16ps does two multiply-adds per float32 lane: where the CPU has it, more than the FMA's
+    has_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
+    assert (info["bf16_peak_gflops"] > info["fma_peak_gflops"] / 2) if has_bf16 else info["bf16_peak_gflops"] == 0
+    assert ("bf16 dot peak" in host.format_host(info)) == has_bf16
 
 
+@pytest.mark.parametrize("peak", ["fma_peak_gflops", "bf16_dot_peak_gflops"])
 @pytest.mark.parametrize("threads,seconds,match", [(0, 0.1, "threads"), (2, 0.0, "seconds"), (1, 11.0, "seconds")])
-def test_fma_peak_checks_arguments(ext, threads, seconds, match):
+def test_peaks_check_arguments(ext, peak, threads, seconds, match):
     with pytest.raises(ValueError, match=match):
-        ext.extension().fma_peak_gflops(threads, seconds)
+        getattr(ext.extension(), peak)(threads, seconds)
 
 
 def stat(cpu0, cpu1, running=1):
