@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}  # --dtype
 SHAPE = {"N": 1024, "B": 1, "H": 4, "d": 32}  # the parts' default shape (the course's)
 INFERENCE = {"model": "shakes128", "samples": 10, "temperature": 0.8, "top_k": 200, "seed": 1337,
              "prompt": "\n", "no_kv_cache": False, "corpus": None, "tokenizer": None, "max_new_tokens": None,
-             "top_p": None}  # defaults of the inference options
+             "top_p": None, "dtype": None}  # defaults of the inference options
 
 
 def part_names():
@@ -88,6 +88,9 @@ def add_part(sub, name, variant, help_text):
     inf.add_argument("--no-kv-cache", action="store_true", default=None,
                      help="recompute the whole context for every new character")
     inf.add_argument("--corpus", default=None, help="a text file: also print the share of generated words that are words of it")
+    inf.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                     help="weights and KV cache in this dtype (default float32; bf16: bfloat16, half the bytes a "
+                          "token reads, attention and projections in float32 arithmetic)")
 
 
 def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
             run_inference(args.variant, model=args.model, samples=args.samples, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed, prompt=args.prompt, kv_cache=not args.no_kv_cache,
                           corpus=args.corpus, tokenizer=args.tokenizer, max_new_tokens=args.max_new_tokens,
-                          top_p=args.top_p)
+                          top_p=args.top_p, dtype=DTYPES[args.dtype or "float32"])
         except (ValueError, FileNotFoundError) as e:  # a bad model file, tokenizer or prompt: the message names it
             print(f"gpt.py: error: {e}", file=sys.stderr)
             return 2

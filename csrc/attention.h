@@ -115,6 +115,14 @@ void set_bf16_dot(bool enabled);   // tests switch it off to run the plain path 
 // rounded back into p.o (p.lse, float32 anyway, written in place).
 void run_in_float32(const Problem& p, Kernel run);
 
+// Runs a variant's forward on p, in float32 copies if p is bfloat16 and the variant does not read it.
+inline void run_variant(const Variant& var, const Problem& p) {
+  if (p.bf16 && !var.bf16)
+    run_in_float32(p, var.run);
+  else
+    var.run(p);
+}
+
 // Default flash tiles for a shape on this host (tiles.cpp): tuned by nanogpt.tune() if it
 // measured this CPU, else from a model of the cache sizes.
 std::pair<int64_t, int64_t> flash_default_tiles(int64_t Nq, int64_t Nk, int64_t d);
@@ -122,9 +130,11 @@ std::pair<int64_t, int64_t> flash_model_tiles(int64_t Nq, int64_t d);
 void set_tuned_tiles(const std::vector<std::tuple<int64_t, int64_t, int64_t>>& rules);
 
 // y[m, n] = b[n] + Σ_k x[m, k]·W[n, k] for m < M, n < N: x rows of K floats zero-padded to
-// round_up(K, kW) (vector_dot.h), W (N, K) contiguous, b null or N floats, y rows of N floats.
+// round_up(K, kW) (vector_dot.h), W (N, K) contiguous, b null or N values, y rows of N floats.
 // The decoding step's matrix-vector products, W's rows split over the threads (linear.cpp).
-void project(const float* x_padded, int64_t M, const float* W, int64_t N, int64_t K, const float* b, float* y);
+// T: float, or c10::BFloat16 (weights widened as they are read).
+template <class T>
+void project(const float* x_padded, int64_t M, const T* W, int64_t N, int64_t K, const T* b, float* y);
 
 // Validates the arguments (errors name them) and runs one variant; returns (B, H, Nq, d).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -7,6 +7,9 @@
 //   gpt:   x = wte[t] + wpe[pos]; LayerNorm (weight, bias); GELU MLP (erf or tanh); biases
 //   llama: x = tok[t]; RMSNorm; rotary q, k (adjacent pairs, llama2.c's); SwiGLU; no biases;
 //          n_kv_heads <= n_heads (grouped-query attention, the cache keeps the kv heads)
+// Weights and the cache are float32, or all bfloat16 (a model .to(torch.bfloat16)): then they are
+// widened as they are read and the step computes in float32 (the cache's new keys and values, and
+// the attention's queries and output, are rounded to bfloat16), half the bytes read per token.
 // The Python models (nanogpt/models) are the reference it is tested against, logits for logits.
 #include <torch/extension.h>
 
@@ -26,11 +29,14 @@ struct Layer {
   at::Tensor norm1_w, norm1_b, qkv_w, qkv_b, out_w, out_b, norm2_w, norm2_b, up_w, up_b, down_w, down_b;
 };
 
-const float* data_or_null(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+// The tensor's elements as W (float or c10::BFloat16), or null for an empty (absent) tensor.
+template <class W>
+const W* data_or_null(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<W>() : nullptr; }
 
 // y[0:n] = normalised x[0:n]: LayerNorm with weight and bias (b may be null) when layer_norm,
 // else RMSNorm with weight; y is zero-padded to a whole number of vectors (project reads it so).
-void norm(const float* x, int64_t n, const float* w, const float* b, float eps, bool layer_norm, float* y) {
+template <class W>
+void norm(const float* x, int64_t n, const W* w, const W* b, float eps, bool layer_norm, float* y) {
   double mean = 0.0, sq = 0.0;
   if (layer_norm) {
     for (int64_t i = 0; i < n; ++i) mean += x[i];
@@ -38,7 +44,7 @@ void norm(const float* x, int64_t n, const float* w, const float* b, float eps, 
   }
   for (int64_t i = 0; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
   const float inv = float(1.0 / std::sqrt(sq / double(n) + eps)), m = float(mean);
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * inv * w[i] + (b ? b[i] : 0.f);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * inv * float(w[i]) + (b ? float(b[i]) : 0.f);
   std::fill(y + n, y + round_up(n, kW), 0.f);
 }
 
@@ -67,21 +73,41 @@ class DecodeModel {
       TORCH_CHECK_VALUE(w.size() == 12, "each layer must have 12 tensors (empty for an absent bias)");
       layers_.push_back(Layer{w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11]});
     }
-    auto check = [](const at::Tensor& t, const char* name) {
-      TORCH_CHECK_VALUE(!t.defined() || (t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu()),
-                        name, " must be a contiguous float32 CPU tensor");
+    bf16_ = tok_emb.scalar_type() == at::kBFloat16;
+    const auto dtype = bf16_ ? at::kBFloat16 : at::kFloat;
+    auto check = [dtype](const at::Tensor& t, const char* name) {
+      TORCH_CHECK_VALUE(!t.defined() || !t.numel() || (t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu()), name,
+                        " must be a contiguous CPU tensor of tok_emb's dtype ", dtype,
+                        " (float32, or bfloat16 throughout), got ", t.defined() ? t.scalar_type() : dtype);
     };
     for (const Layer& l : layers_)
       for (const at::Tensor* t : {&l.norm1_w, &l.norm1_b, &l.qkv_w, &l.qkv_b, &l.out_w, &l.out_b, &l.norm2_w,
                                   &l.norm2_b, &l.up_w, &l.up_b, &l.down_w, &l.down_b})
         check(*t, "every layer weight");
-    check(tok_emb_, "tok_emb"), check(final_w_, "final_w"), check(classifier_, "classifier");
+    check(tok_emb_, "tok_emb"), check(pos_emb_, "pos_emb"), check(final_w_, "final_w"), check(final_b_, "final_b"),
+        check(classifier_, "classifier");
+    for (const auto* caches : {&k_cache_, &v_cache_})
+      for (const at::Tensor& c : *caches)
+        TORCH_CHECK_VALUE(c.scalar_type() == dtype && c.dim() == 4 && c.stride(3) == 1, "k_cache and v_cache must be "
+                          "(B, n_kv_heads, context, head_size) tensors of the weights' dtype ", dtype,
+                          " with the last dimension contiguous");
+    TORCH_CHECK_VALUE(!rope_.defined() || !rope_.numel() || (rope_.scalar_type() == at::kFloat && rope_.is_contiguous()),
+                      "rope must be a contiguous float32 table (max_seq_len, head_size/2, 2)");
     hidden_ = layers_.empty() ? 0 : layers_[0].down_w.size(1);
   }
 
   // tokens (B,) int64 at position pos of every row; the caches hold positions [0, pos) and get
   // this step's keys and values at pos. Returns the logits (B, vocab).
   at::Tensor step(const at::Tensor& tokens_in, int64_t pos) {
+    return bf16_ ? step_as<c10::BFloat16>(tokens_in, pos) : step_as<float>(tokens_in, pos);
+  }
+
+  double attention_seconds = 0.0;  // wall time spent in the attention variant, for the share printed
+
+ private:
+  // step() with weights and cache of element type W (float or c10::BFloat16); arithmetic in float32.
+  template <class W>
+  at::Tensor step_as(const at::Tensor& tokens_in, int64_t pos) {
     TORCH_CHECK_VALUE(tokens_in.dim() == 1 && tokens_in.scalar_type() == at::kLong, "tokens must be a 1-D int64 tensor");
     const at::Tensor tokens = tokens_in.contiguous();
     const int64_t B = tokens.size(0), D = dim_, Dp = round_up(D, kW), hid = hidden_, Hp = round_up(hid, kW);
@@ -91,56 +117,58 @@ class DecodeModel {
                         ") and the cache's batch ", c.size(0), " must be tokens' ", B, ", got pos ", pos);
     std::vector<float> x(B * D), h(B * std::max(Dp, Hp)), qkv(B * qkv_n), att(B * Dp, 0.f), up(B * 2 * hid),
         out(B * D);
+    std::vector<W> q_as(B * D), att_as(B * D);  // the attention's queries and output, (B, H, 1, hs)
     const int64_t* tok = tokens.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK_VALUE(tok[b] >= 0 && tok[b] < tok_emb_.size(0), "token ", tok[b], " is outside the vocabulary");
-      const float* e = tok_emb_.data_ptr<float>() + tok[b] * D;
-      const float* p = data_or_null(pos_emb_) ? pos_emb_.data_ptr<float>() + pos * D : nullptr;
-      for (int64_t i = 0; i < D; ++i) x[b * D + i] = e[i] + (p ? p[i] : 0.f);
+      const W* e = tok_emb_.data_ptr<W>() + tok[b] * D;
+      const W* p = data_or_null<W>(pos_emb_) ? pos_emb_.data_ptr<W>() + pos * D : nullptr;
+      for (int64_t i = 0; i < D; ++i) x[b * D + i] = float(e[i]) + (p ? float(p[i]) : 0.f);
     }
     const float scale = 1.f / std::sqrt(float(hs_));
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& w = layers_[l];
       for (int64_t b = 0; b < B; ++b)
-        norm(&x[b * D], D, w.norm1_w.data_ptr<float>(), data_or_null(w.norm1_b), eps_, !llama_, &h[b * Dp]);
-      project(h.data(), B, w.qkv_w.data_ptr<float>(), qkv_n, D, data_or_null(w.qkv_b), qkv.data());
+        norm(&x[b * D], D, w.norm1_w.data_ptr<W>(), data_or_null<W>(w.norm1_b), eps_, !llama_, &h[b * Dp]);
+      project(h.data(), B, w.qkv_w.data_ptr<W>(), qkv_n, D, data_or_null<W>(w.qkv_b), qkv.data());
       if (llama_) rotate(qkv.data(), B, qkv_n, pos);
       // this step's keys and values into the cache at pos; attention over positions [0, pos]
       at::Tensor &kc = k_cache_[l], &vc = v_cache_[l];
-      float *kd = kc.data_ptr<float>(), *vd = vc.data_ptr<float>();
+      W *kd = kc.data_ptr<W>(), *vd = vc.data_ptr<W>();  // rounded to nearest even for bfloat16
       for (int64_t b = 0; b < B; ++b)
         for (int64_t hk = 0; hk < Hk_; ++hk) {
           const float* kv = &qkv[b * qkv_n + (H_ + hk) * hs_];
           std::copy(kv, kv + hs_, kd + b * kc.stride(0) + hk * kc.stride(1) + pos * kc.stride(2));
           std::copy(kv + Hk_ * hs_, kv + (Hk_ + 1) * hs_, vd + b * vc.stride(0) + hk * vc.stride(1) + pos * vc.stride(2));
         }
-      Problem p{View{qkv.data(), qkv_n, hs_, hs_}, View{kd, kc.stride(0), kc.stride(1), kc.stride(2)},
-                View{vd, vc.stride(0), vc.stride(1), vc.stride(2)}, View{att.data(), Dp, hs_, hs_},
+      // q and the output in the cache's dtype (a bfloat16 attention takes one dtype throughout)
+      for (int64_t b = 0; b < B; ++b) std::copy(&qkv[b * qkv_n], &qkv[b * qkv_n] + D, &q_as[b * D]);
+      Problem p{View{q_as.data(), D, hs_, hs_}, View{kd, kc.stride(0), kc.stride(1), kc.stride(2)},
+                View{vd, vc.stride(0), vc.stride(1), vc.stride(2)}, View{att_as.data(), D, hs_, hs_},
                 B, H_, 1, pos + 1, hs_, scale, true, 0, 0};
       p.k.group = p.v.group = H_ / Hk_;
+      p.bf16 = bf16_;
       const auto t0 = std::chrono::steady_clock::now();
-      var_->run(p);
+      run_variant(*var_, p);
       attention_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      project(att.data(), B, w.out_w.data_ptr<float>(), D, D, data_or_null(w.out_b), out.data());
+      for (int64_t b = 0; b < B; ++b) std::copy(&att_as[b * D], &att_as[b * D] + D, &att[b * Dp]);
+      project(att.data(), B, w.out_w.data_ptr<W>(), D, D, data_or_null<W>(w.out_b), out.data());
       for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
       for (int64_t b = 0; b < B; ++b)
-        norm(&x[b * D], D, w.norm2_w.data_ptr<float>(), data_or_null(w.norm2_b), eps_, !llama_, &h[b * Dp]);
+        norm(&x[b * D], D, w.norm2_w.data_ptr<W>(), data_or_null<W>(w.norm2_b), eps_, !llama_, &h[b * Dp]);
       const int64_t up_n = w.up_w.size(0);  // 4·D (gpt) or 2·hidden (llama)
-      project(h.data(), B, w.up_w.data_ptr<float>(), up_n, D, data_or_null(w.up_b), up.data());
+      project(h.data(), B, w.up_w.data_ptr<W>(), up_n, D, data_or_null<W>(w.up_b), up.data());
       for (int64_t b = 0; b < B; ++b) activate(&up[b * up_n], &h[b * Hp]);
-      project(h.data(), B, w.down_w.data_ptr<float>(), D, hid, data_or_null(w.down_b), out.data());
+      project(h.data(), B, w.down_w.data_ptr<W>(), D, hid, data_or_null<W>(w.down_b), out.data());
       for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
     }
     for (int64_t b = 0; b < B; ++b)
-      norm(&x[b * D], D, final_w_.data_ptr<float>(), data_or_null(final_b_), eps_, !llama_, &h[b * Dp]);
+      norm(&x[b * D], D, final_w_.data_ptr<W>(), data_or_null<W>(final_b_), eps_, !llama_, &h[b * Dp]);
     at::Tensor logits = at::empty({B, vocab}, at::kFloat);
-    project(h.data(), B, classifier_.data_ptr<float>(), vocab, D, nullptr, logits.data_ptr<float>());
+    project(h.data(), B, classifier_.data_ptr<W>(), vocab, D, static_cast<const W*>(nullptr), logits.data_ptr<float>());
     return logits;
   }
 
-  double attention_seconds = 0.0;  // wall time spent in the attention variant, for the share printed
-
- private:
   // q and k heads of each row rotated by position pos: pair (x[2j], x[2j+1]) as a complex number
   // times rope[pos, j] = (cos, sin), as llama2.c and the Python model (complex multiply) do.
   void rotate(float* qkv, int64_t B, int64_t qkv_n, int64_t pos) const {
@@ -175,7 +203,7 @@ class DecodeModel {
   bool llama_;
   int64_t H_, Hk_, dim_ = 0, hs_ = 0, hidden_ = 0;
   float eps_;
-  bool gelu_tanh_;
+  bool gelu_tanh_, bf16_ = false;  // bf16_: weights and cache are bfloat16
   const Variant* var_ = nullptr;
   at::Tensor tok_emb_, pos_emb_, rope_, final_w_, final_b_, classifier_;
   std::vector<at::Tensor> k_cache_, v_cache_;

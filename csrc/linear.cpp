@@ -20,7 +20,8 @@ constexpr int64_t kSerialBytes = 1 << 17;  // weights smaller than this: one thr
 
 }  // namespace
 
-void project(const float* xp, int64_t M, const float* wp, int64_t N, int64_t K, const float* bp, float* yp) {
+template <class T>
+void project(const float* xp, int64_t M, const T* wp, int64_t N, int64_t K, const T* bp, float* yp) {
   const int64_t kp = round_up(K, kW);
   auto rows = [&](int64_t n0, int64_t n1) {
     for (int64_t c = n0; c < n1; c += kChunk) {
@@ -29,11 +30,11 @@ void project(const float* xp, int64_t M, const float* wp, int64_t N, int64_t K, 
         float* ym = yp + m * N + c;
         dot_rows(xp + m * kp, wp + c * K, K, int(K), ym, n);
         if (bp)
-          for (int64_t j = 0; j < n; ++j) ym[j] += bp[c + j];
+          for (int64_t j = 0; j < n; ++j) ym[j] += float(bp[c + j]);
       }
     }
   };
-  const int64_t threads = N * K * int64_t(sizeof(float)) < kSerialBytes || at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = N * K * int64_t(sizeof(T)) < kSerialBytes || at::in_parallel_region() ? 1 : at::get_num_threads();
   if (threads == 1) return rows(0, N);
   // one contiguous range of rows per thread (equal work, one stream each for the prefetchers)
 #pragma omp parallel num_threads(threads)
@@ -43,6 +44,10 @@ void project(const float* xp, int64_t M, const float* wp, int64_t N, int64_t K, 
     rows(std::min(N, t * per), std::min(N, (t + 1) * per));
   }
 }
+
+template void project<float>(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
+template void project<c10::BFloat16>(const float*, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                                     const c10::BFloat16*, float*);
 
 // x (..., K), weight (N, K), bias (N) or None -> (..., N), as torch.nn.functional.linear.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -68,7 +73,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const int64_t kp = round_up(K, kW);
   std::vector<float> xpad(M * kp, 0.f);
   for (int64_t m = 0; m < M; ++m) std::memcpy(&xpad[m * kp], xc.data_ptr<float>() + m * K, K * sizeof(float));
-  project(xpad.data(), M, wc.data_ptr<float>(), N, K, bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  project<float>(xpad.data(), M, wc.data_ptr<float>(), N, K, bc.defined() ? bc.data_ptr<float>() : nullptr,
+                 y.data_ptr<float>());
   return y;
 }
 

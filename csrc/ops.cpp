@@ -110,10 +110,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   }
   p.o = view_of_output(out);
   p.lse = lse.numel() ? lse.data_ptr<float>() : nullptr;
-  if (p.bf16 && !var->bf16)
-    run_in_float32(p, var->run);
-  else
-    var->run(p);
+  run_variant(*var, p);
   return {out, lse};
 }
 

@@ -84,7 +84,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             cache.length += 1
         else:
             logits, _ = model(out[:, cache.length:t], kv_cache=cache)  # the new token(s) only
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
         out[:, t:t + 1] = nxt
         t += 1
         if B == 1:  # the usual case: one Python int, no tensor ops
@@ -120,7 +120,7 @@ def load_model(model, attention, checkpoint=None, tokenizer=None):
 
 def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top_k=200, seed=1337,
                   prompt="\n", kv_cache=True, checkpoint=None, threads=None, verbose=True, corpus=None,
-                  tokenizer=None, max_new_tokens=None, top_p=None):
+                  tokenizer=None, max_new_tokens=None, top_p=None, dtype=torch.float32):
     """Generate `samples` texts after `prompt`; print each (the prompt followed by the generated
     text) and a timing line; return a dict of the numbers (and the texts).
 
@@ -129,6 +129,7 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
     path) or a path to a model file or directory; tokenizer: its tokenizer file, if not beside it.
     max_new_tokens: tokens per sample (default: N for shakesN, else 256). A sample ends early at
     the tokenizer's stop token (llama2.c: BOS; Hugging Face: the config's eos_token_id).
+    dtype: of the weights and the KV cache (torch.bfloat16: the model converted after loading).
     corpus: optional path of a text; then the share of generated words that are words of it
     is printed and returned (does the model write the play's words?).
     Sampling draws from one torch.Generator seeded once with `seed`, so the texts are the same with
@@ -142,7 +143,10 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     net, tok, default_new = load_model(model, attention, checkpoint, tokenizer)
+    net.weights_to(dtype)
     max_new = max_new_tokens if max_new_tokens is not None else (default_new or 256)
     if max_new < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
@@ -177,7 +181,7 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
         cropping = f"no cropping (prompt + {max_new} new tokens fit the context {block})"
     name = model if model in MODELS else os.path.basename(os.path.normpath(model))
     result = {
-        "attention": attention, "model": model, "kv_cache": kv_cache, "samples": samples,
+        "attention": attention, "model": model, "kv_cache": kv_cache, "samples": samples, "dtype": str(dtype),
         "tokens": tokens, "seconds": total_s,
         "tokens_per_s": tokens / total_s if total_s > 0 else float("inf"),
         "ms_per_token": 1000 * total_s / tokens if tokens else 0.0,
@@ -192,7 +196,8 @@ def run_inference(attention, model="shakes256", samples=10, temperature=0.8, top
             hits, n = result["corpus_words"]
             print(f"{hits} of {n} generated words ({100 * hits / max(n, 1):.1f}%) are words of {corpus}")
     if verbose:
-        print(f"[{attention}, {name}, kv_cache={'on' if kv_cache else 'off'}, {torch.get_num_threads()} threads] "
+        print(f"[{attention}, {name}, {str(dtype).replace('torch.', '')}, kv_cache={'on' if kv_cache else 'off'}, "
+              f"{torch.get_num_threads()} threads] "
               f"{tokens} tokens in {total_s:.2f}s: {result['tokens_per_s']:.1f} tokens/s, "
               f"{result['ms_per_token']:.2f} ms/token, attention {100 * result['attention_share']:.1f}% of the time; "
               f"{cropping}")

@@ -88,6 +88,9 @@ def test_part_defaults(ext):
     (["part4", "-N", "0"], r"argument -N: must be at least 1, got 0"),
     (["bench", "--variants", "flash,nope"], r"--variants: unknown nope; expected names from manual, naive"),
     (["bench", "--causal", "--non-causal"], r"not allowed with argument"),
+    (["bench", "--backward", "--dtype", "bf16"], r"--backward times its own shapes with flash and SDPA: drop --dtype"),
+    (["part4", "--dtype", "bf16"], r"--dtype: options of text generation: add --inference"),
+    (["bench", "--dtype", "float16"], r"argument --dtype: invalid choice"),
     ([], r"the following arguments are required: COMMAND"),
 ])
 def test_refused(ext, capsys, argv, message):
@@ -110,10 +113,12 @@ def test_bench_takes_its_shape_and_mask(ext, monkeypatch):
     assert gpt.main(["bench", "-N", "64", "--causal", "--variants", "flash,manual", "--repeat", "2"]) == 0
     assert gpt.main(["bench", "--non-causal"]) == 0
     assert gpt.main(["bench"]) == 0
-    (a1, k1), (a2, _), (a3, k3) = calls
+    assert gpt.main(["bench", "--dtype", "bf16"]) == 0
+    (a1, k1), (a2, _), (a3, k3), (_, k4) = calls
     assert a1 == ([(1, 4, 64, 32)], (True,)) and k1["variants"] == ["flash", "manual"] and k1["repeat"] == 2
     assert a2 == (bench.BENCH_SHAPES, (False,))
-    assert a3 == (bench.BENCH_SHAPES, (False, True)) and k3["variants"] is None
+    assert a3 == (bench.BENCH_SHAPES, (False, True)) and k3["variants"] is None and k3["dtype"] == torch.float32
+    assert k4["dtype"] == torch.bfloat16
 
 
 def test_part_runs_the_variant(ext, monkeypatch):
@@ -346,6 +351,22 @@ def test_bench_decode_runs(ext, capsys):
     assert bench.bench_decode(shapes=[(1, 2, 1, 40, 8), (1, 2, 3, 600, 16)], repeat=1)
     out = capsys.readouterr().out
     assert "B1 H2 Nq3 Nk600 d16" in out and "'decode' path" in out
+
+
+def test_bench_in_bf16_runs(ext, capsys):
+    from nanogpt import bench
+
+    assert bench.bench_decode(shapes=[(1, 2, 1, 40, 8)], repeat=1, dtype=torch.bfloat16)
+    assert bench.bench([(1, 2, 48, 16)], (True,), variants=["flash"], repeat=1, dtype=torch.bfloat16)
+    out = capsys.readouterr().out
+    assert out.count("dtype: torch.bfloat16") == 2 and "B1 H2 N48 d16" in out
+
+
+def test_inference_in_bf16(ext, capsys):
+    """--dtype bf16: weights and KV cache in bfloat16, text still generated, and said so."""
+    assert gpt.main(["part4", "--inference", "-m", "shakes128", "--samples", "1", "--max-new-tokens", "30",
+                     "--dtype", "bf16"]) == 0
+    assert "[flash, shakes128, bfloat16, kv_cache=on" in capsys.readouterr().out
 
 
 def test_tile_flags_only_where_the_kernel_reads_them(ext):

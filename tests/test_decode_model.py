@@ -1,6 +1,8 @@
 """The whole decoding step in C++ (csrc/decode_model.cpp) against the Python models it mirrors:
 logits at every step, for GPT (biases or none, erf or tanh GELU) and Llama (grouped-query or not),
 batches of rows, every variant; and its errors."""
+import copy
+
 import pytest
 import torch
 
@@ -95,3 +97,42 @@ def test_attention_time_adds_up_over_samples(ext):
     assert first > 0 and model.attention_seconds() > first
     model.set_attention_timing(False)
     assert model.attention_seconds() == 0.0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("variant", ["flash", "naive"])  # naive: a variant that runs bfloat16 on float32 copies
+def test_bf16_steps(ext, name, variant):
+    """A bfloat16 model (weights and cache) steps in float32 arithmetic: over the steps, its logits
+    are within twice the distance of PyTorch's own bfloat16 steps from the float32 model with the
+    same (rounded) weights (the cache's rounding, shared by both, dominates either error)."""
+    torch.manual_seed(0)
+    model = sharpened(MODELS[name](variant), seed=len(name)).weights_to(torch.bfloat16)
+    exact = copy.deepcopy(model).weights_to(torch.float32)  # the same weights, float32 arithmetic and cache
+    idx = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        caches = [m.new_kv_cache(2) for m in (exact, model, model)]
+        assert caches[1].k[0].dtype == torch.bfloat16
+        for m, c in zip((exact, model, model), caches):
+            m(idx[:, :4], kv_cache=c)
+        step = model.decoder(caches[2])
+        err = yardstick = 0.0
+        for t in range(4, 12):
+            ref = exact(idx[:, t:t + 1], kv_cache=caches[0])[0][:, 0]
+            torch_bf16 = model(idx[:, t:t + 1], kv_cache=caches[1])[0][:, 0].float()
+            got = step.step(idx[:, t], caches[2].length)
+            caches[2].length += 1
+            assert got.dtype == torch.float32
+            err = max(err, (got - ref).abs().max().item())
+            yardstick = max(yardstick, (torch_bf16 - ref).abs().max().item())
+    assert 0 < err <= 2 * yardstick, f"{variant}: {err:.3g} from float32, PyTorch's bfloat16 steps {yardstick:.3g}"
+
+
+def test_bf16_weights_and_cache_must_match(ext):
+    model = gpt("flash").eval().weights_to(torch.bfloat16)
+    cache = model.new_kv_cache(1)
+    cache.k[0] = cache.k[0].float()
+    with pytest.raises(ValueError, match="k_cache and v_cache must be .* of the weights' dtype"):
+        model.decoder(cache)
+    model.transformer.h[0].attn.c_attn.weight.data = model.transformer.h[0].attn.c_attn.weight.data.float()
+    with pytest.raises(ValueError, match="every layer weight must be a contiguous CPU tensor of tok_emb's dtype"):
+        model.decoder(model.new_kv_cache(1))

@@ -128,6 +128,14 @@ class AttentionChoice:
 
     _decoder = None  # the last decoder(): its attention time (its predecessors' included) counts below
 
+    def weights_to(self, dtype):
+        """The weights (parameters) in dtype, e.g. torch.bfloat16 for inference; buffers keep
+        theirs (Module.to would also cast Llama's complex rope table to a real dtype, dropping its
+        imaginary part). The KV cache (new_kv_cache) follows the weights. Returns self."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
+
     def decoder(self, cache):
         """The whole decoding step in C++ (csrc/decode_model.cpp) over this model's weights and
         `cache`, in place (no copies): .step(tokens (B,), pos) -> logits (B, vocab), appending the

@@ -182,7 +182,7 @@ class GPT(AttentionChoice, nn.Module):
         return self.config.block_size
 
     def new_kv_cache(self, batch_size):
-        return KVCache(self.config, batch_size)
+        return KVCache(self.config, batch_size, dtype=self.lm_head.weight.dtype)  # bfloat16 for a bfloat16 model
 
     def set_attention(self, attention):
         """Switch the attention op of every layer (e.g. train with "torch", sample with a kernel).

@@ -79,6 +79,8 @@ def apply_rope(x, freqs):
     """x (B, T, nh, hs/2, 2) real, freqs (T, 1, hs/2) complex -> (B, T, nh, hs/2, 2): each
     adjacent pair (x[2j], x[2j+1]) of a head, read as the complex number x[2j] + i·x[2j+1],
     times freqs[t, 0, j]."""
+    if x.dtype != torch.float32:  # a bfloat16 model: there are no bfloat16 complex numbers
+        return apply_rope(x.float(), freqs).to(x.dtype)
     return torch.view_as_real(torch.view_as_complex(x) * freqs)
 
 
@@ -176,7 +178,8 @@ class Llama(AttentionChoice, nn.Module):
 
     def new_kv_cache(self, batch_size):
         c = self.config
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.max_seq_len, c.head_size)
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.max_seq_len, c.head_size,
+                       dtype=self.output.weight.dtype)  # bfloat16 for a bfloat16 model
 
     def _decoder_spec(self):
         """For AttentionChoice.decoder: (architecture, whole-model tensors, each layer's 12 tensors)
