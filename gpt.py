@@ -116,7 +116,7 @@ def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
                    help="timed repetitions, median kept (default 7; --decode 15, --backward 7)")
     b.add_argument("--variants", default=None, help="comma-separated variants (default: the whole dispatch table)")
     b.add_argument("--json", default=None, help="save the table to this JSON file")
-    b.add_argument("--dtype", choices=("float32", "bf16"), default="float32",
+    b.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="q, k, v (and SDPA's) in this dtype (bf16: bfloat16; %%peak then of the bf16 dot peak "
                         "where the CPU has AVX-512 BF16)")
     kind = b.add_mutually_exclusive_group()

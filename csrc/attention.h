@@ -64,7 +64,8 @@ using Kernel = void (*)(const Problem&);
 struct Grad {
   View dout;         // (B, H, Nq, d): dL/dO, last dimension contiguous
   const float* lse;  // (B, H, Nq) as the forward wrote it (Problem::lse), for flash
-  View dq, dk, dv;   // outputs, contiguous, every element written
+  View dq, dk, dv;   // outputs, contiguous, every element written; dk and dv (B, H, Nk, d): one per
+                     // query head (grouped kv heads: attention_backward sums each group's)
 };
 using Backward = void (*)(const Problem&, const Grad&);
 

@@ -5,12 +5,13 @@
 // float32 lanes: twice an FMA's multiply-adds per instruction, from operands of half the size.
 // Both matmuls of a flash tile are built from it, on operands packed so that a pair is what
 // the instruction sums:
-//   S = Q·Kᵀ   lane = key, pair = two adjacent features. K is packed once per head in groups of
-//              16 keys, Kp[group][c/2][16 keys] of feature pairs (a 32-bit transpose: each key's
-//              pair stays together); a query's pair is broadcast: S[i, 16 keys] += q_i[c:c+2]·Kp.
-//   O += P·V   lane = feature, pair = two adjacent keys. V is packed once per head as
-//              Vp[j/2][features] of key pairs (rows j and j+1 interleaved); P rounded to bfloat16
-//              in row order already pairs adjacent keys: O[i, 16 features] += p_i[j:j+2]·Vp.
+//   S = Q·Kᵀ   lane = key, pair = two adjacent features. K is packed once per call and kv head
+//              in groups of 16 keys, Kp[group][c/2][16 keys] of feature pairs (a 32-bit
+//              transpose: each key's pair stays together); a query's pair is broadcast:
+//              S[i, 16 keys] += q_i[c:c+2]·Kp.
+//   O += P·V   lane = feature, pair = two adjacent keys. V is packed once per call and kv head
+//              as Vp[j/2][features] of key pairs (rows j and j+1 interleaved); P rounded to
+//              bfloat16 in row order already pairs adjacent keys: O[i, 16 features] += p_i[j:j+2]·Vp.
 // Scores, the running max and sum and O stay float32, as in SDPA's bfloat16 path. P is rounded
 // to bfloat16 for the second matmul and the sum l adds the rounded values, so O / l divides by
 // exactly the weights that were multiplied. Masking and the causal bookkeeping are flash.cpp's.
@@ -80,18 +81,17 @@ Packed pack_kv(const Problem& p) {
   return pk;
 }
 
-#define NANOGPT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 // The two register-blocked kernels are not inlined into the tile loop: inlined, GCC spilled
 // their accumulators and K vectors to the stack (perf: a third of the time in reloads).
-#define NANOGPT_BF16_KERNEL __attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define NANOGPT_BF16_KERNEL NANOGPT_AVX512_BF16 __attribute__((noinline))
 
-NANOGPT_BF16_TARGET inline __m512bh load_bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
-NANOGPT_BF16_TARGET inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
+NANOGPT_AVX512_BF16 inline __m512bh load_bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+NANOGPT_AVX512_BF16 inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
 
-// 2^x for x <= 0 (or NaN): a degree-4 polynomial on the fraction (relative error 4e-5, far below
-// the 2^-9 of the bfloat16 P it becomes) scaled by vscalefps, which takes x <= -200 (and -inf,
+// 2^x for x <= 0 (or NaN): a degree-4 polynomial on the fraction (kernel_common.h's vexp2 cut to
+// its first five terms: relative error 4e-5, far below the 2^-9 of the bfloat16 P it becomes) scaled by vscalefps, which takes x <= -200 (and -inf,
 // clamped there) to exactly 0. NaN stays NaN: vmaxps returns its second operand on NaN.
-NANOGPT_BF16_TARGET inline __m512 exp2_le0(__m512 x) {
+NANOGPT_AVX512_BF16 inline __m512 exp2_le0(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
@@ -190,6 +190,8 @@ struct Scratch {
   c10::BFloat16* P;          // (br, bc) probabilities, row by row: (br, bc/2) key pairs
   float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
   int64_t* vis;              // per row: keys of the step it sees
+  // per row: dh words of Qp, bc/2 words of P, dv floats of O, 3 floats (m, l, alpha) and 2 for
+  // vis (an int64, 8-byte aligned as br is a multiple of kRows = 4)
   static int64_t floats(int64_t br, int64_t bc, int64_t dh, int64_t dv) { return br * (dh + bc / 2 + dv + 5); }
   Scratch(float* base, int64_t br, int64_t bc, int64_t dh, int64_t dv)
       : Qp(reinterpret_cast<uint32_t*>(base)), P(reinterpret_cast<c10::BFloat16*>(base + br * dh)),
@@ -206,7 +208,7 @@ void tiles_avx512bf16(const Problem& p) {
   const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, bc, dh, dv), 16);
   const double bytes = double(threads) * double(per_thread) * sizeof(float);
   TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
-                   bytes / double(1 << 30), " GiB of scratch (about threads × br·(bc/2+2d)·4 bytes); "
+                   bytes / double(1 << 30), " GiB of scratch (threads × br·(d/2 + bc/2 + d + 5)·4 bytes); "
                    "choose a smaller br (the bfloat16 default is ", default_br(p.d), ")");
   const Packed pk = pack_kv(p);
   at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
@@ -283,7 +285,7 @@ void tiles_avx512bf16(const Problem& p) {
       float* o = w.O + r * dv;
       normalise_row(o, o, w.l[r], p.d);
       std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
-      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = w.l[r] == 0.f ? kNegInf : (w.m[r] + std::log2(w.l[r])) * float(M_LN2);
+      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
     }
   });
 }
@@ -291,7 +293,7 @@ void tiles_avx512bf16(const Problem& p) {
 }  // namespace
 
 bool has_bf16_dot() {
-  static const bool cpu = __builtin_cpu_supports("avx512bf16");
+  static const bool cpu = cpu_has_avx512_bf16();
   return cpu && bf16_dot_enabled.load();
 }
 

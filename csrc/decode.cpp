@@ -30,10 +30,12 @@ constexpr int64_t kSplitKeys = 512;   // keys per work item (scores of one span 
 constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 
 // o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
-// elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators: with
-// one, few vectors (NV = 2 at d = 32 on AVX-512) leave the loop waiting on the FMA's latency.
+// elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
+// the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
+// at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
 template <int NV, class T>
 void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
+  constexpr int kSets = 2 * NV <= (kW == 16 ? 16 : 8) ? 2 : 1;
   vw acc[2][NV] = {};
   const bool tail = c0 + NV * kW > d;  // the last vector is partial: load it without over-read
   const int rem = d - (c0 + (NV - 1) * kW);
@@ -44,8 +46,9 @@ void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d,
     a[NV - 1] += pj * (tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
   };
   int64_t j = 0;
-  for (; j + 2 <= n; j += 2) add(acc[0], j), add(acc[1], j + 1);
-  if (j < n) add(acc[0], j);
+  if constexpr (kSets == 2)
+    for (; j + 2 <= n; j += 2) add(acc[0], j), add(acc[1], j + 1);
+  for (; j < n; ++j) add(acc[0], j);
   for (int i = 0; i < NV; ++i) {
     const vw sum = acc[0][i] + acc[1][i];
     const int n_out = std::min(kW, d - (c0 + i * kW));
@@ -55,7 +58,7 @@ void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d,
 
 template <class T>
 void pv(const float* p, const T* V, int64_t ldv, int64_t n, int d, float* o) {
-  constexpr int kMaxNV = 8;  // 2 × 8 accumulators + operands fit 32 zmm (AVX2: spills past 4, rare at d <= 32)
+  constexpr int kMaxNV = 8;  // 8 accumulators (2 × 8 with AVX-512's 32 registers) + operands
   for (int c0 = 0; c0 < d; c0 += kMaxNV * kW) {
     switch (std::min<int>(kMaxNV, (d - c0 + kW - 1) / kW)) {
       case 1: pv_slice<1, T>(p, V, ldv, n, c0, d, o); break;
@@ -142,7 +145,7 @@ void decode(const Problem& p) {
       }
       normalise_row(o, o, l, d);
       std::copy(o, o + d, out);  // rounds to nearest even for bfloat16
-      if (p.lse) p.lse[bh * nq + i] = (m + std::log2(l)) * float(M_LN2);  // log Σ_j e^(s_ij)
+      if (p.lse) p.lse[bh * nq + i] = lse_from(m, l);  // log Σ_j e^(s_ij)
     }
   });
 }

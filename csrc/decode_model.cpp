@@ -88,9 +88,11 @@ class DecodeModel {
         check(classifier_, "classifier");
     for (const auto* caches : {&k_cache_, &v_cache_})
       for (const at::Tensor& c : *caches)
-        TORCH_CHECK_VALUE(c.scalar_type() == dtype && c.dim() == 4 && c.stride(3) == 1, "k_cache and v_cache must be "
-                          "(B, n_kv_heads, context, head_size) tensors of the weights' dtype ", dtype,
-                          " with the last dimension contiguous");
+        TORCH_CHECK_VALUE(c.scalar_type() == dtype && c.dim() == 4 && c.device().is_cpu() && c.size(1) == Hk_ &&
+                              c.size(3) == hs_ && c.stride(3) == 1 && c.sizes() == k_cache_[0].sizes(),
+                          "k_cache and v_cache must be CPU tensors (B, n_kv_heads, context, head_size) = (B, ", Hk_,
+                          ", context, ", hs_, "), all of one shape, of the weights' dtype ", dtype,
+                          " with the last dimension contiguous; got ", c.scalar_type(), " ", c.sizes());
     TORCH_CHECK_VALUE(!rope_.defined() || !rope_.numel() || (rope_.scalar_type() == at::kFloat && rope_.is_contiguous()),
                       "rope must be a contiguous float32 table (max_seq_len, head_size/2, 2)");
     hidden_ = layers_.empty() ? 0 : layers_[0].down_w.size(1);

@@ -84,7 +84,7 @@ void flash_attention(const Problem& p) {
     // the backward, log Σ_j e^(s_ij) from the log2-unit running max and sum (-inf: no key).
     for (int64_t r = 0; r < rows; ++r) {
       normalise_row(p.o.row(b, h, i0 + r), w.O + r * dp, w.l[r], p.d);
-      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = w.l[r] == 0.f ? kNegInf : (w.m[r] + std::log2(w.l[r])) * float(M_LN2);
+      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
     }
   });
 }

@@ -24,13 +24,13 @@ void naive_attention_backward(const Problem& p, const Grad& g) {
   float *P = P_t.data_ptr<float>(), *dS = dS_t.data_ptr<float>();
   Problem values = p;
   values.k = p.v;
-  const at::Tensor Kt_t = keys_transposed(p), Vt_t = keys_transposed(values);  // (B, H, d, ld)
+  const at::Tensor Kt_t = keys_transposed(p), Vt_t = keys_transposed(values);  // (B, Hk, d, ld)
   const int64_t ld = Kt_t.size(3);
   const float c = p.scale * kLog2e;
 
   for (int64_t b = 0; b < p.B; ++b)
     for (int64_t h = 0; h < p.H; ++h) {
-      const float *Kt = Kt_t[b][h].data_ptr<float>(), *Vt = Vt_t[b][h].data_ptr<float>();
+      const float *Kt = Kt_t[b][h / p.k.group].data_ptr<float>(), *Vt = Vt_t[b][h / p.v.group].data_ptr<float>();
       at::parallel_for(0, p.Nq, 16, [&](int64_t i0, int64_t i1) {  // rows of P and dS, and dQ
         for (int64_t i = i0; i < i1; ++i) {
           float *pi = P + i * p.Nk, *dsi = dS + i * p.Nk, *dq = g.dq.row(b, h, i);

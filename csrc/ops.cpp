@@ -125,31 +125,33 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // The forward for training: (out, lse), lse as the variant's backward needs it.
 std::tuple<at::Tensor, at::Tensor> attention_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  c10::string_view variant, bool causal,
-                                                 std::optional<double> scale, int64_t br, int64_t bc) {
-  return forward(q, k, v, variant, causal, scale, br, bc, /*enable_gqa=*/false, true);  // training: k, v repeated
+                                                 std::optional<double> scale, int64_t br, int64_t bc,
+                                                 bool enable_gqa) {
+  return forward(q, k, v, variant, causal, scale, br, bc, enable_gqa, true);
 }
 
 // (dq, dk, dv), contiguous, from dL/d(out), the inputs, and out and lse as attention_lse gave them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, c10::string_view variant, bool causal,
-    std::optional<double> scale, int64_t br, int64_t bc) {
-  if (q.defined() && q.scalar_type() == at::kBFloat16) {
+    std::optional<double> scale, int64_t br, int64_t bc, bool enable_gqa) {
+  check_tensor(q, "q");
+  const std::pair<const at::Tensor*, const char*> same[] = {{&k, "k"}, {&v, "v"}, {&grad_out, "grad_out"}, {&out, "out"}};
+  for (const auto& [t, name] : same) {
+    check_tensor(*t, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                     t->scalar_type());
+  }
+  if (q.scalar_type() == at::kBFloat16) {
     // bfloat16 trains on float32 copies (the backward has no bfloat16 kernel); gradients rounded back
-    const std::pair<const at::Tensor*, const char*> same[] = {{&k, "k"}, {&v, "v"}, {&grad_out, "grad_out"}, {&out, "out"}};
-    for (const auto& [t, name] : same) {
-      check_tensor(*t, name);
-      TORCH_CHECK_TYPE(t->scalar_type() == at::kBFloat16, name, " must have q's dtype BFloat16, got ", t->scalar_type());
-    }
     auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
-    auto [dq, dk, dv] = attention_backward(f(grad_out), f(q), f(k), f(v), f(out), lse, variant, causal, scale, br, bc);
+    auto [dq, dk, dv] = attention_backward(f(grad_out), f(q), f(k), f(v), f(out), lse, variant, causal, scale, br, bc,
+                                           enable_gqa);
     return {dq.to(at::kBFloat16), dk.to(at::kBFloat16), dv.to(at::kBFloat16)};
   }
   const Variant* var;
   at::Tensor keep[3], keep_g, keep_o;
-  Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, false, var, keep);
-  check_tensor(grad_out, "grad_out");
-  check_tensor(out, "out");
+  Problem p = checked_problem(q, k, v, variant, causal, scale, br, bc, enable_gqa, var, keep);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
@@ -159,18 +161,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
                     "lse must have shape (B, H, ", var->keeps_lse ? "Nq" : "0", ") = (", p.B, ", ", p.H, ", ",
                     lse_rows, ") as attention_lse returns it for variant '", variant, "', got ", lse.sizes());
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
-             dv = at::empty(k.sizes(), contiguous);
+  // Grouped kv heads (K and V read in place through View::group): the kernels write each query
+  // head's dK and dV, (B, H, Nk, d), and a kv head's gradient is its group's sum.
+  const int64_t group = p.k.group;
+  at::Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty({p.B, p.H, p.Nk, p.d}, contiguous),
+             dv = at::empty({p.B, p.H, p.Nk, p.d}, contiguous);
+  auto folded = [&](const at::Tensor& t) {
+    return group == 1 ? t : t.view({p.B, p.H / group, group, p.Nk, p.d}).sum(2);
+  };
   if (p.Nq == 0 || p.Nk == 0 || p.d == 0) {  // out does not depend on q, k, v
     dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv};
+    return {dq, folded(dk), folded(dv)};
   }
   p.o = view_of(out, keep_o);
   const at::Tensor lse_c = lse.contiguous();
   const Grad g{view_of(grad_out, keep_g), lse_rows ? lse_c.data_ptr<float>() : nullptr,
                view_of_output(dq), view_of_output(dk), view_of_output(dv)};
   var->backward(p, g);
-  return {dq, dk, dv};
+  return {dq, folded(dk), folded(dv)};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -180,9 +188,10 @@ TORCH_LIBRARY(nanogpt, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, str variant='flash', bool causal=False, "
         "float? scale=None, int br=0, int bc=0, bool enable_gqa=False) -> Tensor");
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, str variant='flash', bool causal=False, "
-        "float? scale=None, int br=0, int bc=0) -> (Tensor, Tensor)");
+        "float? scale=None, int br=0, int bc=0, bool enable_gqa=False) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "str variant='flash', bool causal=False, float? scale=None, int br=0, int bc=0) -> (Tensor, Tensor, Tensor)");
+        "str variant='flash', bool causal=False, float? scale=None, int br=0, int bc=0, bool enable_gqa=False) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanogpt, CPU, m) {

@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <immintrin.h>
 
 #include "simd.h"
 
@@ -45,7 +44,7 @@ int64_t fma_chains(double seconds, float* sink) {
 // The same with vdpbf16ps (two bfloat16 multiply-adds per float32 lane): the ceiling of the
 // bfloat16 flash tiles (bf16.cpp). x ← x + a·a + a·a with a = 2^-24: x stays near 1, as long as
 // it runs.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) int64_t bf16_dot_chains(double seconds, float* sink) {
+NANOGPT_AVX512_BF16 int64_t bf16_dot_chains(double seconds, float* sink) {
   using clock = std::chrono::steady_clock;
   __m512 acc[kChains];
   for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(1.0f + 0.01f * c);
@@ -94,7 +93,7 @@ double fma_peak_gflops(int64_t threads, double seconds) { return peak_gflops(thr
 
 // The same for vdpbf16ps; 0 on a CPU without AVX-512 BF16.
 double bf16_dot_peak_gflops(int64_t threads, double seconds) {
-  return peak_gflops(threads, seconds, __builtin_cpu_supports("avx512bf16") ? bf16_dot_chains : nullptr);
+  return peak_gflops(threads, seconds, cpu_has_avx512_bf16() ? bf16_dot_chains : nullptr);
 }
 
 void add_peak_entry_points(pybind11::module_& m) {

@@ -64,6 +64,11 @@ inline vw wload_part(const float* p, int n) {
 #endif
 }
 
+// Functions on AVX-512 BF16 (vdpbf16ps), compiled whatever -march says and called only where
+// cpu_has_avx512_bf16(): the bfloat16 flash tiles (bf16.cpp) and the peak they are measured against.
+#define NANOGPT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+inline bool cpu_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
+
 // kW (or n < kW, the rest zero) bfloat16 values widened to float (exact: a bfloat16 is a
 // float's high 16 bits), for kernels that read bfloat16 K and V with float arithmetic.
 inline vw wload(const c10::BFloat16* p) {
@@ -204,6 +209,10 @@ inline float softmax2_unnormalised(float* s, int64_t n, float* max_out = nullptr
   }
   return sum;
 }
+
+// A row's log Σ_j e^(s_j) (natural log, as the backward reads it) from its log2-unit running max
+// m and sum l = Σ_j 2^(s_j·log2(e) - m); -inf for a row that saw no key (l = 0).
+inline float lse_from(float m, float l) { return l == 0.f ? kNegInf : (m + std::log2(l)) * float(M_LN2); }
 
 // o[c] = acc[c] / sum for c in [0, d): every variant's last step (acc may be o itself).
 // sum == 0 means the row saw no key (its max stayed -inf; otherwise the max's own term makes

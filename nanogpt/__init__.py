@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from nanogpt.reference import attention_reference, causal_mask, repeat_kv
+from nanogpt.reference import attention_reference, causal_mask
 
 # GNU OpenMP cannot run a parallel region in a child forked after the parent started its
 # threads (it waits for them forever); a forked child runs on one thread, as torch's
@@ -76,7 +76,7 @@ def _apply_tuning(ext):
 
 
 def _lse_context(ctx, inputs, output):
-    q, k, v, *args = inputs  # args: variant, causal, scale, br, bc
+    q, k, v, *args = inputs  # args: variant, causal, scale, br, bc, enable_gqa
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = args
@@ -86,7 +86,7 @@ def _lse_context(ctx, inputs, output):
 def _lse_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _plain_context(ctx, inputs, output):
@@ -97,17 +97,9 @@ def _plain_context(ctx, inputs, output):
 
 def _recomputing_backward(ctx, grad_out):
     q, k, v = ctx.saved_tensors
-    args = ctx.args[:5]  # variant, causal, scale, br, bc (enable_gqa: k and v repeated below)
-    kr, vr = repeat_kv(q, k, v)
-    out, lse = torch.ops.nanogpt.attention_lse(q, kr, vr, *args)
-    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, kr, vr, out, lse, *args)
-    return dq, _fold_heads(dk, k.shape[1]), _fold_heads(dv, k.shape[1]), None, None, None, None, None, None
-
-
-def _fold_heads(grad, hk):
-    """The gradient of repeat_kv: (B, H, N, d) summed over each kv head's group -> (B, Hk, N, d)."""
-    B, H, N, d = grad.shape
-    return grad if H == hk else grad.view(B, hk, H // hk, N, d).sum(2)
+    out, lse = torch.ops.nanogpt.attention_lse(q, k, v, *ctx.args)  # args: ..., enable_gqa
+    dq, dk, dv = torch.ops.nanogpt.attention_backward(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _no_context(ctx, inputs, output):
@@ -135,13 +127,14 @@ def _lse_rows(variant, nq):
 _keeps_lse = None
 
 
-def _attention_lse_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0):
-    out = _attention_fake(q, k, v, variant, causal, scale, br, bc)
+def _attention_lse_fake(q, k, v, variant="flash", causal=False, scale=None, br=0, bc=0, enable_gqa=False):
+    out = _attention_fake(q, k, v, variant, causal, scale, br, bc, enable_gqa)
     return out, q.new_empty(q.shape[0], q.shape[1], _lse_rows(variant, q.shape[2]), dtype=torch.float32)
 
 
-def _attention_backward_fake(grad_out, q, k, v, out, lse, variant="flash", causal=False, scale=None, br=0, bc=0):
-    _attention_fake(q, k, v)
+def _attention_backward_fake(grad_out, q, k, v, out, lse, variant="flash", causal=False, scale=None, br=0, bc=0,
+                             enable_gqa=False):
+    _attention_fake(q, k, v, enable_gqa=enable_gqa)
     torch._check(grad_out.shape == q.shape and out.shape == q.shape,
                  lambda: f"grad_out and out must have q's shape {tuple(q.shape)}")
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
@@ -216,13 +209,9 @@ def attention(q, k, v, *, variant: str = "flash", causal: bool = False, scale: f
     br, bc = _check_tile("br", br), _check_tile("bc", bc)
     extension()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # training: the forward that keeps the LSE, whose backward is the variant's own. Its ops
-        # take k and v with H heads: grouped kv heads are repeated (autograd sums their gradients).
-        if enable_gqa and not (k.shape[1] == q.shape[1] or (k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)):
-            raise ValueError(f"k must have shape (B, Hk, Nk, d) with Hk dividing H (enable_gqa=True), "
-                             f"with H={q.shape[1]} from q, got {tuple(k.shape)}")
-        k, v = repeat_kv(q, k, v) if enable_gqa else (k, v)
-        return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc)[0]
+        # training: the forward that keeps the LSE, whose backward is the variant's own (grouped kv
+        # heads read in place by both: the backward sums each group's dK and dV)
+        return torch.ops.nanogpt.attention_lse(q, k, v, variant, causal, scale, br, bc, enable_gqa)[0]
     # inference: no LSE. Plain tensors in eager mode call the kernel directly (the op's Python
     # dispatch costs more than a short decoding step); under torch.compile, a dispatch mode or a
     # tensor subclass, the op (with its fake kernel) is what must be seen.

@@ -233,6 +233,14 @@ def test_opcheck(ext, variant):
     out, lse = torch.ops.nanogpt.attention_lse(q, k, v, variant, True, None, 0, 0)
     torch.library.opcheck(torch.ops.nanogpt.attention_backward.default,
                           (torch.randn_like(out), q, k, v, out, lse, variant, True, None, 0, 0))
+    # grouped kv heads: 4 query heads on 2 kv heads, read in place forward and backward
+    q, k, v = qkv(1, 4, 20, 24, 8)
+    k, v = (t[:, :2].clone().requires_grad_() for t in (k, v))
+    torch.library.opcheck(torch.ops.nanogpt.attention_lse.default, (q.requires_grad_(), k, v, variant, True, None, 0, 0, True))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.nanogpt.attention_lse(q, k, v, variant, True, None, 0, 0, True)
+    torch.library.opcheck(torch.ops.nanogpt.attention_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, variant, True, None, 0, 0, True))
 
 
 class Ops(TorchDispatchMode):
@@ -302,6 +310,11 @@ def test_backward_bad_input(ext):
         bwd(out, q, k, v, out, lse.double(), "flash", False, None, 0, 0)
     with pytest.raises(ValueError, match="variant must be one of"):
         bwd(out, q, k, v, out, lse, "nope", False, None, 0, 0)
+    # a bfloat16 grad_out or out with float32 q (or the reverse) is refused, never read as float32
+    for name, args in [("grad_out", (out.bfloat16(), q, k, v, out)), ("out", (out, q, k, v, out.bfloat16())),
+                       ("k", (out.bfloat16(), q.bfloat16(), k, v.bfloat16(), out.bfloat16()))]:
+        with pytest.raises(TypeError, match=f"^{name} must have q's dtype"):
+            bwd(*args, lse, "flash", False, None, 0, 0)
 
 
 def test_compiled_training_step(ext):
@@ -353,6 +366,20 @@ def test_grouped_query_attention_gradients(ext, variant, H, Hk, Nq, Nk):
     direct = torch.autograd.grad(out, ins, dout)
     for a, b in zip(direct, got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_training_reads_kv_in_place(ext):
+    """Under autograd too, grouped kv heads reach the training ops as they are: nothing repeats
+    or expands K and V, and the backward returns their gradients at their own shape."""
+    q = torch.randn(1, 6, 9, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(2))
+    with Ops() as ops:
+        out = ext.attention(q, k, v, causal=True, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+    assert [s for s in ops.seen if s.startswith("nanogpt.")] == ["nanogpt.attention_lse.default",
+                                                                 "nanogpt.attention_backward.default"]
+    assert not [s for s in ops.seen if "repeat" in s or "expand" in s]
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 def test_grouped_query_attention_error_under_autograd(ext):

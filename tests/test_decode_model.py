@@ -103,22 +103,24 @@ def test_attention_time_adds_up_over_samples(ext):
 @pytest.mark.parametrize("variant", ["flash", "naive"])  # naive: a variant that runs bfloat16 on float32 copies
 def test_bf16_steps(ext, name, variant):
     """A bfloat16 model (weights and cache) steps in float32 arithmetic: over the steps, its logits
-    are within twice the distance of PyTorch's own bfloat16 steps from the float32 model with the
-    same (rounded) weights (the cache's rounding, shared by both, dominates either error)."""
+    are within twice the distance of PyTorch's own bfloat16 steps (the model on SDPA) from the
+    float32 model with the same (rounded) weights."""
     torch.manual_seed(0)
     model = sharpened(MODELS[name](variant), seed=len(name)).weights_to(torch.bfloat16)
     exact = copy.deepcopy(model).weights_to(torch.float32)  # the same weights, float32 arithmetic and cache
+    sdpa_bf16 = copy.deepcopy(model)  # the yardstick: PyTorch alone (SDPA), in bfloat16
+    sdpa_bf16.set_attention("torch")
     idx = torch.randint(0, 30, (2, 12))
     with torch.no_grad():
-        caches = [m.new_kv_cache(2) for m in (exact, model, model)]
-        assert caches[1].k[0].dtype == torch.bfloat16
-        for m, c in zip((exact, model, model), caches):
+        caches = [m.new_kv_cache(2) for m in (exact, sdpa_bf16, model)]
+        assert caches[2].k[0].dtype == torch.bfloat16
+        for m, c in zip((exact, sdpa_bf16, model), caches):
             m(idx[:, :4], kv_cache=c)
         step = model.decoder(caches[2])
         err = yardstick = 0.0
         for t in range(4, 12):
             ref = exact(idx[:, t:t + 1], kv_cache=caches[0])[0][:, 0]
-            torch_bf16 = model(idx[:, t:t + 1], kv_cache=caches[1])[0][:, 0].float()
+            torch_bf16 = sdpa_bf16(idx[:, t:t + 1], kv_cache=caches[1])[0][:, 0].float()
             got = step.step(idx[:, t], caches[2].length)
             caches[2].length += 1
             assert got.dtype == torch.float32
