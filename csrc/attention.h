@@ -2,7 +2,8 @@
 //
 // Every variant computes O = softmax(Q Kᵀ·scale + mask) V for one problem:
 //   q, o: (B, H, Nq, d)   k, v: (B, Hk, Nk, d)   float32 (or all bfloat16: Problem::bf16), last
-//   dimension contiguous, other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is read in place).
+//   dimension contiguous, other strides arbitrary (nanoGPT's q.view(B,T,H,hs).transpose(1,2) is
+//   read in place).
 // Grouped-query attention (SDPA's enable_gqa): Hk divides H and query head h reads kv head
 // h / (H / Hk); View::group does that mapping, so no kernel copies or repeats K and V.
 // Causal masks are aligned bottom-right: query i sees keys j <= i + (Nk - Nq), which is
