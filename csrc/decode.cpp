@@ -16,6 +16,7 @@
 #include "simd.h"
 #include "vector_dot.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace nanogpt {
@@ -121,14 +122,19 @@ void decode(const Problem& p) {
 
   // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
   at::parallel_for(0, BH * nq, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<float> acc(d);  // the merged row in float32, then written as T
+    // the merged row: in place for float, else in float32 here and rounded into the output
+    std::vector<float> acc(std::is_same_v<T, float> ? 0 : d);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bh = r / nq, i = r % nq;
       const float* first = parts + (bh * spans * nq + i) * part;
       float m = kNegInf;
       for (int64_t sp = 0; sp < spans; ++sp) m = vmax(first[sp * nq * part], m);
       T* out = p.o.row<T>(bh / p.H, bh % p.H, i);
-      float* o = acc.data();
+      float* o;
+      if constexpr (std::is_same_v<T, float>)
+        o = out;
+      else
+        o = acc.data();
       std::fill(o, o + d, 0.f);
       if (p.lse) p.lse[bh * nq + i] = kNegInf;  // for the backward; set below when keys were seen
       if (m == kNegInf) {  // saw no key: a zero row, as SDPA gives
@@ -144,7 +150,7 @@ void decode(const Problem& p) {
         for (int c = 0; c < d; ++c) o[c] += w * ps[2 + c];
       }
       normalise_row(o, o, l, d);
-      std::copy(o, o + d, out);  // rounds to nearest even for bfloat16
+      if constexpr (!std::is_same_v<T, float>) std::copy(o, o + d, out);  // rounds to nearest even
       if (p.lse) p.lse[bh * nq + i] = lse_from(m, l);  // log Σ_j e^(s_ij)
     }
   });

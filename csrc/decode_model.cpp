@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <type_traits>
 
 #include "attention.h"
 #include "simd.h"
@@ -119,7 +120,10 @@ class DecodeModel {
                         ") and the cache's batch ", c.size(0), " must be tokens' ", B, ", got pos ", pos);
     std::vector<float> x(B * D), h(B * std::max(Dp, Hp)), qkv(B * qkv_n), att(B * Dp, 0.f), up(B * 2 * hid),
         out(B * D);
-    std::vector<W> q_as(B * D), att_as(B * D);  // the attention's queries and output, (B, H, 1, hs)
+    // bfloat16: the attention's queries and output (B, H, 1, hs) in the cache's dtype (a bfloat16
+    // Problem takes one dtype throughout); float reads q from qkv and writes att in place
+    constexpr bool kAs = !std::is_same_v<W, float>;
+    std::vector<W> q_as(kAs ? B * D : 0), att_as(kAs ? B * D : 0);
     const int64_t* tok = tokens.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK_VALUE(tok[b] >= 0 && tok[b] < tok_emb_.size(0), "token ", tok[b], " is outside the vocabulary");
@@ -143,17 +147,19 @@ class DecodeModel {
           std::copy(kv, kv + hs_, kd + b * kc.stride(0) + hk * kc.stride(1) + pos * kc.stride(2));
           std::copy(kv + Hk_ * hs_, kv + (Hk_ + 1) * hs_, vd + b * vc.stride(0) + hk * vc.stride(1) + pos * vc.stride(2));
         }
-      // q and the output in the cache's dtype (a bfloat16 attention takes one dtype throughout)
-      for (int64_t b = 0; b < B; ++b) std::copy(&qkv[b * qkv_n], &qkv[b * qkv_n] + D, &q_as[b * D]);
-      Problem p{View{q_as.data(), D, hs_, hs_}, View{kd, kc.stride(0), kc.stride(1), kc.stride(2)},
-                View{vd, vc.stride(0), vc.stride(1), vc.stride(2)}, View{att_as.data(), D, hs_, hs_},
-                B, H_, 1, pos + 1, hs_, scale, true, 0, 0};
+      if constexpr (kAs)
+        for (int64_t b = 0; b < B; ++b) std::copy(&qkv[b * qkv_n], &qkv[b * qkv_n] + D, &q_as[b * D]);
+      const View q = kAs ? View{q_as.data(), D, hs_, hs_} : View{qkv.data(), qkv_n, hs_, hs_};
+      const View o = kAs ? View{att_as.data(), D, hs_, hs_} : View{att.data(), Dp, hs_, hs_};
+      Problem p{q, View{kd, kc.stride(0), kc.stride(1), kc.stride(2)}, View{vd, vc.stride(0), vc.stride(1), vc.stride(2)},
+                o, B, H_, 1, pos + 1, hs_, scale, true, 0, 0};
       p.k.group = p.v.group = H_ / Hk_;
       p.bf16 = bf16_;
       const auto t0 = std::chrono::steady_clock::now();
       run_variant(*var_, p);
       attention_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      for (int64_t b = 0; b < B; ++b) std::copy(&att_as[b * D], &att_as[b * D] + D, &att[b * Dp]);
+      if constexpr (kAs)
+        for (int64_t b = 0; b < B; ++b) std::copy(&att_as[b * D], &att_as[b * D] + D, &att[b * Dp]);
       project(att.data(), B, w.out_w.data_ptr<W>(), D, D, data_or_null<W>(w.out_b), out.data());
       for (int64_t i = 0; i < B * D; ++i) x[i] += out[i];
       for (int64_t b = 0; b < B; ++b)
