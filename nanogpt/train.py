@@ -54,6 +54,24 @@ def world_from_env():
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def training_attention(choice, dropout, say=print):
+    """The attention that --attention `choice` trains on: itself, or for "auto" flash (faster
+    than SDPA forward and backward: `gpt.py bench --backward`) unless the model has attention
+    dropout (flash has none) or the extension cannot be built here (then torch, saying why)."""
+    if choice != "auto":
+        return choice
+    if dropout:
+        return "torch"
+    import nanogpt
+
+    try:
+        nanogpt.extension()  # builds on first use
+    except Exception as e:  # no compiler, a failed build, ...: SDPA still trains
+        say(f"--attention auto: the kernels are not available ({type(e).__name__}: {e}); training on torch (SDPA)")
+        return "torch"
+    return "flash"
+
+
 def attention_has_backward(attention):
     """True if training through this attention can compute gradients (one tiny backward tells)."""
     if attention in PLAIN_ATTENTION:
@@ -193,12 +211,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-embd", type=int, default=128)
     g.add_argument("--block-size", type=int, default=2048)
     g.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout (attention dropout needs --attention torch)")
+                   help="dropout of the embeddings, residual branches and, unless --attn-dropout says "
+                        "otherwise, the attention weights (which needs --attention torch)")
+    g.add_argument("--attn-dropout", type=float, default=None,
+                   help="dropout of the attention weights (default: --dropout); 0 lets the kernels train "
+                        "a model with --dropout")
     g.add_argument("--no-bias", dest="bias", action="store_false")
-    g.add_argument("--attention", default="torch",
-                   help="attention op for training and evaluation: torch (SDPA, default), manual (plain torch "
-                        "ops) or a kernel variant of nanogpt.VARIANTS (e.g. flash). Checkpoints record 'torch': "
-                        "the op is chosen again at inference")
+    g.add_argument("--attention", default="auto",
+                   help="attention op for training and evaluation: auto (default: flash, our kernels forward "
+                        "and backward, where the extension builds and there is no attention dropout; else "
+                        "torch), torch (SDPA), manual (plain torch ops) or a kernel variant of "
+                        "nanogpt.VARIANTS (e.g. flash). Checkpoints record 'torch': the op is chosen again at "
+                        "inference")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch, on each rank")
     g.add_argument("--grad-accum", type=int, default=None,
@@ -257,7 +281,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.min_lr is None:
         args.min_lr = args.lr / 10
     try:
-        check_attention(args.attention)  # a kernel name builds or loads the extension
+        if args.attention != "auto":  # resolved once the model's dropout is known (training_attention)
+            check_attention(args.attention)  # a kernel name builds or loads the extension
     except ValueError as e:
         p.error(f"--attention: {e}")
     if not args.eval_only and protected(args.out) and not args.force:
@@ -323,8 +348,10 @@ def _run(args, argv, ranks):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = args.dropout
-        for block in model.transformer.h:
-            block.attn.attn_dropout_p = args.dropout
+    attn_dropout = args.dropout if args.attn_dropout is None else args.attn_dropout
+    for block in model.transformer.h:
+        block.attn.attn_dropout_p = attn_dropout
+    args.attention = training_attention(args.attention, model._attn_dropout(), say)
     model.set_attention(args.attention)  # ValueError: attention dropout on an attention without it
     if not args.eval_only and not attention_has_backward(args.attention):
         raise ValueError(f"attention {args.attention!r} has no backward pass in this build, so it cannot train: "
@@ -452,7 +479,7 @@ def _run(args, argv, ranks):
     say(f"done: {end} steps in {wall:.0f}s ({tokens_per_s:,.0f} tokens/s); final train loss {losses['train']:.4f}, "
         f"val loss {losses['val']:.4f}; best val {best_val:.4f} in {args.out}")
     return {"train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val,
-            "steps": end, "wall_seconds": wall, "tokens_per_s": tokens_per_s,
+            "steps": end, "wall_seconds": wall, "tokens_per_s": tokens_per_s, "attention": args.attention,
             "last_loss": loss.item() if loss is not None else None}
 
 

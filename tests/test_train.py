@@ -76,7 +76,7 @@ def test_log_file_one_json_object_per_evaluation(tiny_data, tmp_path, capsys):
     assert [r["step"] for r in records] == [4, 8, 10]
     for r in records:
         assert {"step", "train_loss", "val_loss", "tokens_per_s", "attention"} <= set(r)
-        assert r["attention"] == "torch" and r["tokens_per_s"] > 0 and math.isfinite(r["val_loss"])
+        assert r["attention"] == "flash" and r["tokens_per_s"] > 0 and math.isfinite(r["val_loss"])  # auto
     assert records[-1]["val_loss"] == res["val_loss"] and records[-1]["train_loss"] == res["train_loss"]
     assert out.count("tokens/s") == 4  # every evaluation line and the last line
     # appends: a second run adds its own lines
@@ -127,7 +127,7 @@ def test_training_on_other_attention_matches_torch(attention, tiny_data, tmp_pat
         if not train.attention_has_backward(attention):
             pytest.skip(f"{attention} has no backward pass yet")
     log = tmp_path / "log.jsonl"
-    ref = run_train(tiny_data, tmp_path / "ref.pt", "--max-steps", "10", eval_interval="5")
+    ref = run_train(tiny_data, tmp_path / "ref.pt", "--max-steps", "10", "--attention", "torch", eval_interval="5")
     got = run_train(tiny_data, tmp_path / "a.pt", "--max-steps", "10", "--attention", attention,
                     "--log-file", str(log), eval_interval="5")
     print(ref, got)
@@ -152,6 +152,27 @@ def test_attention_without_backward_is_a_clear_error(tiny_data, tmp_path, ext, c
     ev = train.run(train.parse_args(train_args(tiny_data, tmp_path / "b.pt", "--eval-only", "--resume",
                                                "--attention", lacking[0])))
     assert ev["val_loss"] == pytest.approx(res["val_loss"], abs=1e-4)
+
+
+def test_auto_attention_trains_on_flash_where_it_can(tiny_data, tmp_path, monkeypatch, capsys):
+    """--attention auto (the default): flash, whose backward beats SDPA's; torch for a model with
+    attention dropout (flash has none) and where the extension cannot be built, saying why."""
+    assert train.parse_args([]).attention == "auto"
+    assert train.training_attention("auto", 0.0) == "flash"
+    assert train.training_attention("auto", 0.1) == "torch"
+    assert train.training_attention("manual", 0.0) == "manual"
+    res = run_train(tiny_data, tmp_path / "a.pt", "--max-steps", "2", "--dropout", "0.1")
+    assert res["attention"] == "torch"
+    # dropout on the residual branches only: the kernels train it
+    res = run_train(tiny_data, tmp_path / "b.pt", "--max-steps", "2", "--dropout", "0.1", "--attn-dropout", "0")
+    assert res["attention"] == "flash"
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr("nanogpt.extension", broken)
+    assert train.training_attention("auto", 0.0) == "torch"
+    assert "kernels are not available (RuntimeError: no compiler); training on torch" in capsys.readouterr().out
 
 
 def test_unknown_attention_is_a_usage_error(capsys):
