@@ -2,77 +2,10 @@
 // csrc/flash_backward_tile.h (read the shapes there): scores kept transposed, keys × queries,
 // so K, V, Q and dO rows are read in place. One varying float = programCount consecutive
 // queries or features: 16 on avx512skx-x16, 8 on avx2-i32x8 (run-time dispatch picks).
-// The score and P·V register blocks are the forward's (ispc/flash_tile.ispc), repeated here
-// because each .ispc file is compiled on its own; KEY_BLOCK is the backward's own.
+// The score and P·V register blocks are the forward's (ispc/blocks.isph); KEY_BLOCK is the
+// backward's own.
 
-#define KEYS 6    // keys per register block of the score kernel (the twin's kKeys)
-#define PANEL 64  // queries or features per panel (the twin's kPanel)
-#if TARGET_WIDTH >= 16
-#define VECS 4  // 6×4 accumulators of 32 zmm registers
-#else
-#define VECS 2  // 6×2 accumulators of 16 ymm registers
-#endif
-#define kNegInf (-floatbits(0x7f800000))
-
-// 2^x as in the C++ twin: x below -125 (and -inf) gives 0, NaN stays NaN.
-static inline float exp2_poly(float x) {
-  const bool under = x < -125.f;
-  x = under ? -125.f : x;
-  const float n = (x + 12582912.f) - 12582912.f;
-  const float f = x - n;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const float r = p * floatbits(((int)n + 127) << 23);
-  return under ? 0.f : r;
-}
-
-// Out[r, 0:W·NV] = Σ_k A[r, k]·Bt[k, 0:W·NV] for R keys (S = K·Qt, dP = V·dOt).
-#define SCORE_BLOCK(NAME, R, NV)                                                              \
-  static inline void NAME(const uniform float A[], uniform int64 lda, const uniform float Bt[],  \
-                          uniform int ldb, uniform float Out[], uniform int ldo, uniform int d) { \
-    float acc[R][NV];                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] = 0.f;                 \
-    for (uniform int k = 0; k < d; ++k) {                                                     \
-      float bv[NV];                                                                           \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        bv[v] = Bt[k * ldb + v * programCount + programIndex];                                \
-      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
-        const uniform float ar = A[r * lda + k];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];       \
-      }                                                                                       \
-    }                                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        Out[r * ldo + v * programCount + programIndex] = acc[r][v];                           \
-  }
-
-// Out[r, 0:W·NV] += Σ_{c < cols} Pt[c, r]·X[c, 0:W·NV] for R queries (dQ += dS·K).
-#define PV_BLOCK(NAME, R, NV)                                                                 \
-  static inline void NAME(const uniform float Pt[], uniform int ldp, const uniform float X[],   \
-                          uniform int64 ldx, uniform float Out[], uniform int ldo, uniform int cols) { \
-    float acc[R][NV];                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        acc[r][v] = Out[r * ldo + v * programCount + programIndex];                           \
-    for (uniform int c = 0; c < cols; ++c) {                                                  \
-      float xv[NV];                                                                           \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        xv[v] = X[c * ldx + v * programCount + programIndex];                                 \
-      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
-        const uniform float p = Pt[c * ldp + r];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += p * xv[v];        \
-      }                                                                                       \
-    }                                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        Out[r * ldo + v * programCount + programIndex] = acc[r][v];                           \
-  }
+#include "blocks.isph"  // VECS, kNegInf, vexp2; SCORE_BLOCK, PV_BLOCK; kernel_common.h
 
 // Out[c, 0:W·NV] += Σ_{r < rows} Pt[c, r]·X[r, 0:W·NV] for R keys (dV += Pᵀ·dO, dK += dSᵀ·Q).
 #define KEY_BLOCK(NAME, R, NV)                                                                \
@@ -96,8 +29,8 @@ static inline float exp2_poly(float x) {
         Out[c * ldo + v * programCount + programIndex] = acc[c][v];                           \
   }
 
-SCORE_BLOCK(score_wide, KEYS, VECS)
-SCORE_BLOCK(score_one, KEYS, 1)
+SCORE_BLOCK(score_wide, kKeys, VECS)
+SCORE_BLOCK(score_one, kKeys, 1)
 SCORE_BLOCK(score_wide_tail, 1, VECS)
 SCORE_BLOCK(score_one_tail, 1, 1)
 PV_BLOCK(pv_wide, 4, VECS)  // 4 queries × VECS vectors
@@ -107,7 +40,7 @@ KEY_BLOCK(key_one, 8, 1)      // 8 keys × 1 vector
 KEY_BLOCK(key_wide_tail, 1, VECS)
 KEY_BLOCK(key_one_tail, 1, 1)
 #if VECS > 2
-SCORE_BLOCK(score_two, KEYS, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
+SCORE_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
 SCORE_BLOCK(score_two_tail, 1, 2)
 PV_BLOCK(pv_two, 8, 2)
 KEY_BLOCK(key_two, 8, 2)
@@ -120,18 +53,15 @@ KEY_BLOCK(key_two_tail, 1, 2)
 #define key_two_tail key_wide_tail
 #endif
 
-// How many vectors the next register block covers, of `left` remaining.
-static inline uniform int block_vecs(uniform int left) { return left >= VECS ? VECS : left >= 2 ? 2 : 1; }
-
 // Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq).
 static void keys_by_queries(const uniform float A[], uniform int64 lda, const uniform float Bt[],
                             uniform float Out[], uniform int nq, uniform int cols, uniform int d) {
-  for (uniform int i = 0; i < nq; i += PANEL) {
-    const uniform int pend = min(nq, i + PANEL);
+  for (uniform int i = 0; i < nq; i += kPanel) {
+    const uniform int pend = min(nq, i + kPanel);
     for (uniform int c = i; c < pend;) {
       const uniform int nv = block_vecs((pend - c) / programCount);
       uniform int j = 0;
-      for (; j + KEYS <= cols; j += KEYS) {
+      for (; j + kKeys <= cols; j += kKeys) {
         if (nv == VECS) score_wide(A + j * lda, lda, Bt + c, nq, Out + j * nq + c, nq, d);
         else if (nv == 2) score_two(A + j * lda, lda, Bt + c, nq, Out + j * nq + c, nq, d);
         else score_one(A + j * lda, lda, Bt + c, nq, Out + j * nq + c, nq, d);
@@ -182,7 +112,7 @@ export void flash_backward_tile(const uniform float Qt[], const uniform float Q[
   }
   for (uniform int c = 0; c < cols; ++c)
     for (uniform int r = 0; r < nq; r += programCount)
-      P[c * nq + r + programIndex] = exp2_poly(P[c * nq + r + programIndex] - L[r + programIndex]);
+      P[c * nq + r + programIndex] = vexp2(P[c * nq + r + programIndex] - L[r + programIndex]);
 
   // 2. dV += Pᵀ·dO.
   accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols);

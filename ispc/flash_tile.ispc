@@ -3,64 +3,7 @@
 // One varying float = programCount consecutive queries or features: 16 on avx512skx-x16,
 // 8 on avx2-i32x8; ispc's multi-target build picks the target at run time.
 
-#if TARGET_WIDTH >= 16
-#define VECS 4  // 6×4 accumulators of 32 zmm registers
-#else
-#define VECS 2  // 6×2 accumulators of 16 ymm registers
-#endif
-#define kNegInf (-floatbits(0x7f800000))
-
-// 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).
-static inline float pow2i(float n) { return floatbits(((int)n + 127) << 23); }
-
-#include "kernel_common.h"  // kKeys, kPanel, kChunkBytes, kPad; vmax, vexp2: shared with C++
-
-// The register blocks are macros, not ispc templates: ispc 1.26 leaves a template's 6×4
-// accumulator array in memory on avx512skx-x16 (stored and reloaded around every FMA; seen with
-// --emit-asm), while the macro's accumulators stay in registers.
-
-// St[r, 0:W·NV] = Σ_k K[r, k]·Qt[k, 0:W·NV] for R keys.
-#define SCORE_BLOCK(NAME, R, NV)                                                              \
-  static inline void NAME(const uniform float K[], uniform int64 ldk, const uniform float Qt[],  \
-                          uniform int ldq, uniform float St[], uniform int lds, uniform int d) { \
-    float acc[R][NV];                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] = 0.f;                 \
-    for (uniform int k = 0; k < d; ++k) {                                                     \
-      float qv[NV];                                                                           \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        qv[v] = Qt[k * ldq + v * programCount + programIndex];                                \
-      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
-        const uniform float kr = K[r * ldk + k];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];       \
-      }                                                                                       \
-    }                                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        St[r * lds + v * programCount + programIndex] = acc[r][v];                            \
-  }
-
-// O[r, 0:W·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:W·NV] for R queries.
-#define PV_BLOCK(NAME, R, NV)                                                                 \
-  static inline void NAME(const uniform float Pt[], uniform int ldp, const uniform float V[],   \
-                          uniform int64 ldv, uniform float O[], uniform int ldo, uniform int cols) { \
-    float acc[R][NV];                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        acc[r][v] = O[r * ldo + v * programCount + programIndex];                             \
-    for (uniform int j = 0; j < cols; ++j) {                                                  \
-      float vv[NV];                                                                           \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        vv[v] = V[j * ldv + v * programCount + programIndex];                                 \
-      _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
-        const uniform float p = Pt[j * ldp + r];                                              \
-        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[r][v] += p * vv[v];        \
-      }                                                                                       \
-    }                                                                                         \
-    _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                     \
-      _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        O[r * ldo + v * programCount + programIndex] = acc[r][v];                             \
-  }
+#include "blocks.isph"  // VECS, kNegInf; SCORE_BLOCK, PV_BLOCK; kernel_common.h
 
 SCORE_BLOCK(score_wide, kKeys, VECS)
 SCORE_BLOCK(score_one, kKeys, 1)
@@ -77,9 +20,6 @@ PV_BLOCK(pv_two, 8, 2)
 #define score_two_tail score_wide_tail
 #define pv_two pv_wide
 #endif
-
-// How many vectors the next register block covers, of `left` remaining.
-static inline uniform int block_vecs(uniform int left) { return left >= VECS ? VECS : left >= 2 ? 2 : 1; }
 
 export void flash_tile(const uniform float Qt[], const uniform float K[], uniform int64 ldk,
                        const uniform float V[], uniform int64 ldv, uniform float St[],

@@ -50,9 +50,19 @@ def ispc_version(ispc: str) -> str:
 
 
 def ispc_headers(srcs: list[Path]) -> list[Path]:
-    """The csrc/ headers that the ispc sources #include (kernel_common.h, shared with C++)."""
-    names = {m for src in srcs for m in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M)}
-    return sorted(CSRC / n for n in names)
+    """The headers that the ispc sources #include, directly or not: ispc/*.isph, and csrc/'s
+    kernel_common.h (shared with C++). A quoted include is looked for beside its includer, then
+    in csrc/ (ISPC_FLAGS' -I)."""
+    found: set[Path] = set()
+    todo = list(srcs)
+    while todo:
+        src = todo.pop()
+        for name in re.findall(r'^#include "([^"]+)"', src.read_text(), re.M):
+            path = next(p for p in (src.parent / name, CSRC / name) if p.exists())
+            if path not in found:
+                found.add(path)
+                todo.append(path)
+    return sorted(found)
 
 
 def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
