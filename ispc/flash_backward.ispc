@@ -15,12 +15,14 @@
     _Pragma("unroll") for (uniform int c = 0; c < R; ++c)                                     \
       _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
         acc[c][v] = Out[c * ldo + v * programCount + programIndex];                           \
-    for (uniform int r = 0; r < rows; ++r) {                                                  \
+    const uniform float* uniform pr = Pt; /* Pt[c, r] = pr[c·ldp], X[r, :] = x[:] */           \
+    const uniform float* uniform x = X;                                                       \
+    for (uniform int r = 0; r < rows; ++r, ++pr, x += ldx) {                                  \
       float xv[NV];                                                                           \
       _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                  \
-        xv[v] = X[r * ldx + v * programCount + programIndex];                                 \
+        xv[v] = x[v * programCount + programIndex];                                           \
       _Pragma("unroll") for (uniform int c = 0; c < R; ++c) {                                 \
-        const uniform float p = Pt[c * ldp + r];                                              \
+        const uniform float p = pr[c * ldp];                                                  \
         _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) acc[c][v] += p * xv[v];        \
       }                                                                                       \
     }                                                                                         \
