@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -109,10 +110,14 @@ const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
 void flash_decode(const Problem& p);  // float32 or bfloat16
 
 // bfloat16 (bf16.cpp). flash's tile path in bfloat16: both matmuls on AVX-512 BF16 (vdpbf16ps)
-// when this CPU has it (checked at run time), else run_in_float32.
+// where this CPU has it and it outruns the FMA there (both checked at run time), else
+// run_in_float32.
 void flash_tiles_bf16(const Problem& p);
-bool has_bf16_dot();               // this CPU runs vdpbf16ps, and it is not switched off
-void set_bf16_dot(bool enabled);   // tests switch it off to run the plain path on any CPU
+bool has_bf16_dot();  // the bfloat16 tiles run on vdpbf16ps
+// nullopt: where it outruns the FMA (the default); true or false: wherever the CPU has it, or
+// never (tests run both paths on any CPU with AVX-512 BF16)
+void set_bf16_dot(std::optional<bool> on);
+bool bf16_dot_outruns_fma();  // peak.cpp: measured once
 // Runs a float32 kernel on a bfloat16 Problem: q, k, v converted to float32 copies, the output
 // rounded back into p.o (p.lse, float32 anyway, written in place).
 void run_in_float32(const Problem& p, Kernel run);

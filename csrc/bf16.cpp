@@ -34,7 +34,7 @@ constexpr int64_t kMaxKeys = 64;  // keys per step at most: kRows × 4 groups of
 constexpr int64_t kBc = 64;
 int64_t default_br(int64_t d) { return d > 64 ? 128 : 64; }
 
-std::atomic<bool> bf16_dot_enabled{true};
+std::atomic<int> bf16_dot_mode{-1};  // -1: where it outruns the FMA (bf16_dot_outruns_fma), 0: never, 1: always
 
 uint32_t bits(c10::BFloat16 x) { return x.x; }
 // two bfloat16 as one 32-bit word: lo in the low half (the element at the lower address)
@@ -294,10 +294,11 @@ void tiles_avx512bf16(const Problem& p) {
 
 bool has_bf16_dot() {
   static const bool cpu = cpu_has_avx512_bf16();
-  return cpu && bf16_dot_enabled.load();
+  const int mode = bf16_dot_mode.load();
+  return cpu && (mode < 0 ? bf16_dot_outruns_fma() : mode == 1);
 }
 
-void set_bf16_dot(bool enabled) { bf16_dot_enabled = enabled; }
+void set_bf16_dot(std::optional<bool> on) { bf16_dot_mode = on.has_value() ? int(*on) : -1; }
 
 void run_in_float32(const Problem& p, Kernel run) {
   const int64_t Hk = p.H / p.k.group;

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "attention.h"
+#include "simd.h"
 
 #ifdef NANOGPT_WITH_ISPC
 #include "flash_tile_ispc.h"
@@ -226,7 +227,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
-  m.def("set_bf16_dot", &set_bf16_dot, "False: bfloat16 flash tiles run on float32 copies even on AVX-512 BF16 (tests)");
+  m.def("set_bf16_dot", &set_bf16_dot, pybind11::arg("on") = pybind11::none(),
+        "bfloat16 flash tiles on vdpbf16ps: None (default) where it outruns the FMA, True wherever the CPU has it, "
+        "False never (float32 copies)");
   m.def("tiled", [] {
     std::vector<std::string> out;
     for (const Variant& v : kVariants)
@@ -255,6 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["tile_kernel"] = "c++";
 #endif
     info["compiler"] = __VERSION__;
+    info["avx512_bf16"] = cpu_has_avx512_bf16();
     info["bf16_dot"] = has_bf16_dot();  // bfloat16 flash tiles on vdpbf16ps (checked at run time)
 #ifdef __AVX512F__
     info["cxx_simd"] = "avx512";

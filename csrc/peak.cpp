@@ -96,6 +96,26 @@ double bf16_dot_peak_gflops(int64_t threads, double seconds) {
   return peak_gflops(threads, seconds, cpu_has_avx512_bf16() ? bf16_dot_chains : nullptr);
 }
 
+// Whether vdpbf16ps does more multiply-adds per second than the FMA on this CPU, by a margin
+// (1.25×) that noise does not cross: one thread, 2 ms of each, measured once. It does twice as
+// many on a Zen 4 (both run as two 256-bit halves, and a vdpbf16ps does two multiply-adds per
+// lane), but fewer than the FMA on the Sapphire Rapids host seen (243 against 529 GFLOP/s), where
+// the bfloat16 flash tiles on it ran at 0.7× the float32 kernel on widened copies.
+bool bf16_dot_outruns_fma() {
+  static const bool faster = [] {
+    if (!cpu_has_avx512_bf16()) return false;
+    float sink = 0.f;
+    const auto rate = [&](int64_t (*chains)(double, float*)) {
+      const auto start = std::chrono::steady_clock::now();
+      const int64_t mads = chains(0.002, &sink);
+      return double(mads) / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
+    const double fma = rate(fma_chains), dot = rate(bf16_dot_chains);
+    return dot > 1.25 * fma;
+  }();
+  return faster;
+}
+
 void add_peak_entry_points(pybind11::module_& m) {
   using pybind11::arg;
   m.def("fma_peak_gflops", &fma_peak_gflops, arg("threads"), arg("seconds"),
