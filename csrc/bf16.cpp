@@ -1,5 +1,6 @@
-// bfloat16 attention: the float32 fallback every variant can use, and flash's tile path on
-// AVX-512 BF16.
+// bfloat16 attention: the float32 fallback every variant can use, and flash's tile paths on AMX
+// (Sapphire Rapids and later: further below) and on AVX-512 BF16 (Zen 4: where it outruns the
+// FMA), chosen at run time in that order.
 //
 // vdpbf16ps multiplies 32 pairs of bfloat16 and adds each pair's two products into one of 16
 // float32 lanes: twice an FMA's multiply-adds per instruction, from operands of half the size.
@@ -19,6 +20,9 @@
 #include "parallel.h"
 #include "simd.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 
 namespace nanogpt {
@@ -34,6 +38,7 @@ constexpr int64_t kMaxKeys = 64;  // keys per step at most: kRows × 4 groups of
 constexpr int64_t kBc = 64;
 int64_t default_br(int64_t d) { return d > 64 ? 128 : 64; }
 
+std::atomic<bool> bf16_amx_enabled{true};
 std::atomic<int> bf16_dot_mode{-1};  // -1: where it outruns the FMA (bf16_dot_outruns_fma), 0: never, 1: always
 
 uint32_t bits(c10::BFloat16 x) { return x.x; }
@@ -50,16 +55,18 @@ View view(const at::Tensor& t, int64_t group = 1) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The tile path. Shapes per head: dh = ceil(d/2) feature pairs, dv = d rounded up to 16,
-// Nkp = Nk rounded up to 16 (padding is zeros, which meet real numbers only in products).
+// The tile paths. Shapes per head: dh = ceil(d/2) feature pairs (AMX: rounded up to 16, a tile
+// row), dv = d rounded up to 16, Nkp = Nk rounded up to 16 (AMX: 64, a step) (padding is zeros,
+// which meet real numbers only in products).
 
 struct Packed {
   int64_t dh, dv, Nkp;
   at::Tensor k, v;  // (B·Hk, Nkp·dh) and (B·Hk, Nkp/2·dv) 32-bit words
 };
 
-Packed pack_kv(const Problem& p) {
-  const int64_t Hk = p.H / p.k.group, dh = (p.d + 1) / 2, dv = round_up(p.d, 16), Nkp = round_up(p.Nk, 16);
+Packed pack_kv(const Problem& p, int64_t pair_multiple = 1, int64_t key_multiple = 16) {
+  const int64_t Hk = p.H / p.k.group, dh = round_up((p.d + 1) / 2, pair_multiple), dv = round_up(p.d, 16),
+                Nkp = round_up(p.Nk, key_multiple);
   Packed pk{dh, dv, Nkp, at::empty({p.B * Hk, Nkp * dh}, at::kInt), at::empty({p.B * Hk, Nkp / 2 * dv}, at::kInt)};
   const c10::BFloat16 zero(0.f);
   at::parallel_for(0, p.B * Hk, 1, [&](int64_t h0, int64_t h1) {
@@ -102,28 +109,16 @@ NANOGPT_AVX512_BF16 inline __m512 exp2_le0(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One step of kRows query rows against J groups of 16 keys, held in registers from the score
-// matmul through the softmax: S = scale·Q·Kᵀ (lanes past vis[r] masked to -inf when `masked`),
-// the rows' running max m and sum l updated, P = 2^(S - m) written as bfloat16 to P + r·ldp,
-// and alpha[r], the factor by which row r's O must be rescaled before this step's P·V.
+// The online softmax of one step of kRows query rows against J groups of 16 keys, the scores
+// s in registers: S = scale·s (lanes past vis[r] masked to -inf when `masked`), the rows'
+// running max m and sum l updated, P = 2^(S - m) written as bfloat16 to P + r·ldp, and
+// alpha[r], the factor by which row r's O must be rescaled before this step's P·V.
 // A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
 template <int J>
-NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
-                                        const int64_t* vis, bool masked, float* m, float* l, float* alpha,
-                                        c10::BFloat16* P, int64_t ldp) {
-  __m512 s[kRows][J];
-  for (int r = 0; r < kRows; ++r)
-    for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_setzero_ps();
-  for (int64_t c2 = 0; c2 < dh; ++c2) {
-    __m512bh k[J];
-    for (int jj = 0; jj < J; ++jj) k[jj] = load_bh(Kp + (jj * dh + c2) * 16);
-    for (int r = 0; r < kRows; ++r) {
-      const __m512bh q = bcast_bh(Qp[r * dh + c2]);
-      for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_dpbf16_ps(s[r][jj], q, k[jj]);
-    }
-  }
-  // Branch-free from here, so that the rows' reductions and exponentials overlap. A row that
-  // has seen no key yet subtracts 0 instead of its max (-inf): its P is 0 and alpha 0 (O = 0).
+NANOGPT_AVX512_BF16 inline void online_softmax(__m512 (&s)[kRows][J], float scale, const int64_t* vis, bool masked,
+                                               float* m, float* l, float* alpha, c10::BFloat16* P, int64_t ldp) {
+  // Branch-free, so that the rows' reductions and exponentials overlap. A row that has seen no
+  // key yet subtracts 0 instead of its max (-inf): its P is 0 and alpha 0 (O = 0).
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   float sub[kRows], shift[kRows];
   for (int r = 0; r < kRows; ++r) {
@@ -162,6 +157,26 @@ NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const ui
     }
     l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);  // the rounded weights: O / l divides by what was multiplied
   }
+}
+
+// One step of kRows query rows against J groups of 16 keys, held in registers from the score
+// matmul, S = Q·Kᵀ, through online_softmax.
+template <int J>
+NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
+                                        const int64_t* vis, bool masked, float* m, float* l, float* alpha,
+                                        c10::BFloat16* P, int64_t ldp) {
+  __m512 s[kRows][J];
+  for (int r = 0; r < kRows; ++r)
+    for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_setzero_ps();
+  for (int64_t c2 = 0; c2 < dh; ++c2) {
+    __m512bh k[J];
+    for (int jj = 0; jj < J; ++jj) k[jj] = load_bh(Kp + (jj * dh + c2) * 16);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh q = bcast_bh(Qp[r * dh + c2]);
+      for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_dpbf16_ps(s[r][jj], q, k[jj]);
+    }
+  }
+  online_softmax<J>(s, scale, vis, masked, m, l, alpha, P, ldp);
 }
 
 // O[r, 16·ff + t] = alpha[r]·O[r, 16·ff + t] + Σ_j2 Pp[r, j2]·Vp[j2, 16·ff + t] for r < R, ff < F.
@@ -290,6 +305,198 @@ void tiles_avx512bf16(const Problem& p) {
   });
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The AMX path (Sapphire Rapids and later). TDPBF16PS multiplies a tile A of 16 rows × 32
+// bfloat16 by a tile B of 32 × 16 stored as 16 rows of 16 pairs, into a 16 × 16 float32 tile C:
+// 8192 multiply-adds per instruction. The packing above is already B's layout: a 16-key group
+// of Kp is a B tile of Q·Kᵀ (16 feature pairs per row: dh rounded up to 16), and 16 rows of Vp
+// (32 keys) × 16 features a B tile of P·V. A step is 16 query rows × 64 keys: S = Q·Kᵀ in four
+// C tiles, stored to L1 and taken by online_softmax 4 rows at a time (P to bfloat16, row-major:
+// the A tiles of P·V as they are), then P·V into up to four C tiles, added to O after its
+// rescaling. Tile registers: 0-3 C, 4 A, 5-7 B.
+
+#define NANOGPT_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"), noinline))
+
+constexpr int64_t kAmxRows = 16;  // query rows per step: a tile's rows
+constexpr int64_t kAmxKeys = 64;  // keys per step: four C tiles of scores
+
+// This CPU has AMX with bfloat16 and the kernel lets this process use the tile registers
+// (Linux asks for that once per process, arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+}  // namespace
+
+bool bf16_amx_ready() {
+  static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                         syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+namespace {
+
+// Tile registers 0-7 as 16 rows × 64 bytes (palette 1); a thread's configuration is its own.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+NANOGPT_AMX void amx_begin() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+NANOGPT_AMX void amx_end() { _tile_release(); }  // the tile registers' state is not saved on a context switch after this
+
+// S[16][64] = Q·Kᵀ for 16 query rows (Qp, dh words a row) and 64 keys (four 16-key groups of Kp).
+NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float* S) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < dh; c += 16) {  // 32 features a pass
+    _tile_loadd(4, Qp + c, dh * 4);
+    _tile_loadd(5, Kp + (0 * dh + c) * 16, 64);
+    _tile_loadd(6, Kp + (1 * dh + c) * 16, 64);
+    _tile_loadd(7, Kp + (2 * dh + c) * 16, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, Kp + (3 * dh + c) * 16, 64);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, S, 256);
+  _tile_stored(1, S + 16, 256);
+  _tile_stored(2, S + 32, 256);
+  _tile_stored(3, S + 48, 256);
+}
+
+// T[16][16·nf] = P·V for 16 rows of P (64 keys, pairs words of them) and nf <= 4 16-feature
+// columns of V (Vp at the step's first key pair and the first of the columns, dv words a row).
+NANOGPT_AMX void amx_pv(const c10::BFloat16* P, int64_t pairs, const uint32_t* Vp, int64_t dv, int nf, float* T) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t j2 = 0; j2 < pairs; j2 += 16) {  // 32 keys a pass
+    _tile_loadd(4, P + 2 * j2, kAmxKeys * 2);
+    const uint32_t* v = Vp + j2 * dv;
+    _tile_loadd(5, v, dv * 4);
+    _tile_dpbf16ps(0, 4, 5);
+    if (nf > 1) {
+      _tile_loadd(6, v + 16, dv * 4);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if (nf > 2) {
+      _tile_loadd(7, v + 32, dv * 4);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if (nf > 3) {
+      _tile_loadd(5, v + 48, dv * 4);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, T, 256);
+  if (nf > 1) _tile_stored(1, T + 16, 256);
+  if (nf > 2) _tile_stored(2, T + 32, 256);
+  if (nf > 3) _tile_stored(3, T + 48, 256);
+}
+
+// online_softmax over S's 16 rows, 4 at a time; P: 16 rows of 64 bfloat16.
+NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_softmax(const float* S, float scale, const int64_t* vis,
+                                                                bool masked, float* m, float* l, float* alpha,
+                                                                c10::BFloat16* P) {
+  for (int64_t r = 0; r < kAmxRows; r += kRows) {
+    __m512 s[kRows][4];
+    for (int i = 0; i < kRows; ++i)
+      for (int jj = 0; jj < 4; ++jj) s[i][jj] = _mm512_loadu_ps(S + (r + i) * kAmxKeys + 16 * jj);
+    online_softmax<4>(s, scale, vis + r, masked, m + r, l + r, alpha + r, P + r * kAmxKeys, kAmxKeys);
+  }
+}
+
+// Packed Q, the step's S, P and P·V, O and the row state of one thread's query block.
+struct AmxScratch {
+  uint32_t* Qp;              // (br, dh) feature pairs of the block's queries, zero rows past `rows`
+  float *S, *T;              // (16, 64) scores, (16, 64) P·V of up to four feature tiles
+  c10::BFloat16* P;          // (16, 64) probabilities
+  float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
+  int64_t* vis;              // per row: keys of the step it sees
+  static int64_t floats(int64_t br, int64_t dh, int64_t dv) {
+    return br * (dh + dv + 5) + 2 * kAmxRows * kAmxKeys + kAmxRows * kAmxKeys / 2 + 16;  // + 16: alignment
+  }
+  AmxScratch(float* base, int64_t br, int64_t dh, int64_t dv)
+      : Qp(reinterpret_cast<uint32_t*>(base)), S(base + br * dh), T(S + kAmxRows * kAmxKeys),
+        P(reinterpret_cast<c10::BFloat16*>(T + kAmxRows * kAmxKeys)), O(T + kAmxRows * kAmxKeys * 3 / 2),
+        m(O + br * dv), l(m + br), alpha(l + br), vis(reinterpret_cast<int64_t*>(alpha + br)) {}
+};
+
+void tiles_amx(const Problem& p) {
+  // br: a multiple of 16 rows, not past the problem (rounded up); steps of 64 keys
+  const int64_t br = round_up(std::min(p.br ? p.br : default_br(p.d), p.Nq), kAmxRows);
+  const int64_t threads = at::get_num_threads();
+  const Packed pk = pack_kv(p, 16, kAmxKeys);
+  const int64_t dh = pk.dh, dv = pk.dv, Hk = p.H / p.k.group;
+  const int64_t per_thread = round_up(AmxScratch::floats(br, dh, dv), 16);
+  at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
+  float* scratch = scratch_t.data_ptr<float>();
+  const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
+  const uint32_t* Vall = reinterpret_cast<const uint32_t*>(pk.v.data_ptr<int32_t>());
+  const float qscale = p.scale * kLog2e;
+
+  const int64_t blocks = (p.Nq + br - 1) / br;
+  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
+    amx_begin();  // per work item: other code on this thread (oneDNN's, in SDPA) configures tiles its own way
+    AmxScratch w(scratch + slot * per_thread, br, dh, dv);
+    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), rows_p = round_up(rows, kAmxRows);
+    const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
+    const int64_t kvh = b * Hk + h / p.k.group;
+    const uint32_t* Kp = Kall + kvh * pk.Nkp * dh;
+    const uint32_t* Vp = Vall + kvh * pk.Nkp / 2 * dv;
+
+    for (int64_t r = 0; r < rows_p; ++r) {
+      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
+      for (int64_t c2 = 0; c2 < dh; ++c2) {
+        const auto at = [&](int64_t c) { return r < rows && c < p.d ? q[c] : c10::BFloat16(0.f); };
+        w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
+      }
+    }
+    std::fill(w.O, w.O + rows_p * dv, 0.f);
+    std::fill(w.m, w.m + rows_p, kNegInf);
+    std::fill(w.l, w.l + rows_p, 0.f);
+
+    for (int64_t j0 = 0; j0 < kend; j0 += kAmxKeys) {
+      const int64_t cols = std::min(kAmxKeys, kend - j0), diag = p.diag(i0, rows, j0, cols);
+      for (int64_t r0 = 0; r0 < rows_p; r0 += kAmxRows) {
+        bool masked = false;  // some row sees fewer than the step's 64 keys
+        for (int64_t r = r0; r < r0 + kAmxRows; ++r) {
+          w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
+          masked |= w.vis[r] < kAmxKeys;
+        }
+        amx_scores(w.Qp + r0 * dh, dh, Kp + j0 * dh, w.S);
+        amx_softmax(w.S, qscale, w.vis + r0, masked, w.m + r0, w.l + r0, w.alpha + r0, w.P);
+        const int64_t pairs = round_up(cols, 32) / 2;  // keys past cols have P = 0: whole 32-key passes
+        for (int64_t f = 0; f < dv / 16; f += 4) {
+          const int nf = int(std::min<int64_t>(4, dv / 16 - f));
+          amx_pv(w.P, pairs, Vp + j0 / 2 * dv + f * 16, dv, nf, w.T);
+          for (int64_t r = 0; r < kAmxRows; ++r) {  // O = alpha·O + this step's P·V
+            float* o = w.O + (r0 + r) * dv + f * 16;
+            const __m512 a = _mm512_set1_ps(w.alpha[r0 + r]);
+            for (int i = 0; i < nf; ++i)
+              _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * i), a, _mm512_loadu_ps(w.T + r * kAmxKeys + 16 * i)));
+          }
+        }
+      }
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
+      float* o = w.O + r * dv;
+      normalise_row(o, o, w.l[r], p.d);
+      std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
+      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
+    }
+    amx_end();
+  });
+}
+
 }  // namespace
 
 bool has_bf16_dot() {
@@ -299,6 +506,10 @@ bool has_bf16_dot() {
 }
 
 void set_bf16_dot(std::optional<bool> on) { bf16_dot_mode = on.has_value() ? int(*on) : -1; }
+
+bool has_bf16_amx() { return bf16_amx_enabled.load() && bf16_amx_ready(); }
+
+void set_bf16_amx(bool on) { bf16_amx_enabled = on; }
 
 void run_in_float32(const Problem& p, Kernel run) {
   const int64_t Hk = p.H / p.k.group;
@@ -311,7 +522,9 @@ void run_in_float32(const Problem& p, Kernel run) {
 }
 
 void flash_tiles_bf16(const Problem& p) {
-  if (has_bf16_dot())
+  if (has_bf16_amx())
+    tiles_amx(p);
+  else if (has_bf16_dot())
     tiles_avx512bf16(p);
   else
     run_in_float32(p, flash_attention);

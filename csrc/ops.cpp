@@ -227,6 +227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
   m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
+  m.def("set_bf16_amx", &set_bf16_amx, "False: bfloat16 flash tiles never on AMX (tests); True: where the CPU has it");
   m.def("set_bf16_dot", &set_bf16_dot, pybind11::arg("on") = pybind11::none(),
         "bfloat16 flash tiles on vdpbf16ps: None (default) where it outruns the FMA, True wherever the CPU has it, "
         "False never (float32 copies)");
@@ -259,7 +260,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["compiler"] = __VERSION__;
     info["avx512_bf16"] = cpu_has_avx512_bf16();
-    info["bf16_dot"] = has_bf16_dot();  // bfloat16 flash tiles on vdpbf16ps (checked at run time)
+    info["bf16_amx_cpu"] = bf16_amx_ready();  // this CPU and the OS let us use AMX's tiles
+    info["bf16_amx"] = has_bf16_amx();  // bfloat16 flash tiles on AMX (checked at run time)
+    info["bf16_dot"] = has_bf16_dot();  // else on vdpbf16ps (checked at run time)
 #ifdef __AVX512F__
     info["cxx_simd"] = "avx512";
 #elif defined(__AVX2__)

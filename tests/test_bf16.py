@@ -2,8 +2,9 @@
 the float64 reference (nanogpt.reference.compare_to_sdpa: at most twice SDPA-bfloat16's error).
 
 flash reads bfloat16 itself: its decode path widens K and V as it reads them, its tile path runs
-both matmuls on vdpbf16ps where the CPU has AVX-512 BF16 (`bf16_dot`), else on float32 copies,
-as the other variants do. The `dot` fixture runs each flash test both ways on a CPU that has it.
+both matmuls on AMX where the CPU has it (`bf16_amx`), else on vdpbf16ps where the CPU has AVX-512
+BF16 and it outruns the FMA (`bf16_dot`), else on float32 copies, as the other variants do. The
+`dot` fixture runs each flash test on every path the CPU has.
 """
 import pytest
 import torch
@@ -15,15 +16,20 @@ from nanogpt.reference import compare_to_sdpa, compare_gradients
 VARIANTS = nanogpt.VARIANTS
 
 
-@pytest.fixture(params=["bf16_dot", "float32_copies"])
+PATHS = {"amx": "bf16_amx_cpu", "bf16_dot": "avx512_bf16", "float32_copies": None}  # path: the CPU it needs
+
+
+@pytest.fixture(params=list(PATHS))
 def dot(request, ext):
-    """flash's bfloat16 tiles on vdpbf16ps, then on float32 copies (both ways only where the CPU
-    has AVX-512 BF16: elsewhere the first is the second), whichever the CPU would choose."""
-    on = request.param == "bf16_dot"
-    if on and not ext.build_info()["avx512_bf16"]:
-        pytest.skip("this CPU has no AVX-512 BF16: the tiles run on float32 copies")
-    ext.extension().set_bf16_dot(on)
-    yield on
+    """flash's bfloat16 tiles on AMX, on vdpbf16ps, then on float32 copies: each path this CPU
+    can run, whichever it would choose by itself."""
+    needs = PATHS[request.param]
+    if needs and not ext.build_info()[needs]:
+        pytest.skip(f"this CPU lacks {needs}: the tiles take another path")
+    ext.extension().set_bf16_amx(request.param == "amx")
+    ext.extension().set_bf16_dot(request.param == "bf16_dot")
+    yield request.param
+    ext.extension().set_bf16_amx(True)
     ext.extension().set_bf16_dot(None)
 
 
