@@ -119,7 +119,6 @@ bool has_bf16_dot();  // the bfloat16 tiles run on vdpbf16ps
 void set_bf16_dot(std::optional<bool> on);
 bool bf16_dot_outruns_fma();  // peak.cpp: measured once
 bool has_bf16_amx();          // before either: the bfloat16 tiles run on AMX (where the CPU has it)
-bool bf16_amx_ready();        // this CPU has AMX-BF16 and the OS lets this process use its tiles
 void set_bf16_amx(bool on);   // false: never (tests run the other paths on an AMX CPU)
 // Runs a float32 kernel on a bfloat16 Problem: q, k, v converted to float32 copies, the output
 // rounded back into p.o (p.lse, float32 anyway, written in place).

@@ -20,9 +20,6 @@
 #include "parallel.h"
 #include "simd.h"
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <atomic>
 
 namespace nanogpt {
@@ -316,36 +313,8 @@ void tiles_avx512bf16(const Problem& p) {
 // the A tiles of P·V as they are), then P·V into up to four C tiles, added to O after its
 // rescaling. Tile registers: 0-3 C, 4 A, 5-7 B.
 
-#define NANOGPT_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"), noinline))
-
 constexpr int64_t kAmxRows = 16;  // query rows per step: a tile's rows
 constexpr int64_t kAmxKeys = 64;  // keys per step: four C tiles of scores
-
-// This CPU has AMX with bfloat16 and the kernel lets this process use the tile registers
-// (Linux asks for that once per process, arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
-}  // namespace
-
-bool bf16_amx_ready() {
-  static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                         syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-  return ok;
-}
-
-namespace {
-
-// Tile registers 0-7 as 16 rows × 64 bytes (palette 1); a thread's configuration is its own.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-NANOGPT_AMX void amx_begin() {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
-}
-NANOGPT_AMX void amx_end() { _tile_release(); }  // the tile registers' state is not saved on a context switch after this
 
 // S[16][64] = Q·Kᵀ for 16 query rows (Qp, dh words a row) and 64 keys (four 16-key groups of Kp).
 NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float* S) {

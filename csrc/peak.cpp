@@ -64,6 +64,38 @@ NANOGPT_AVX512_BF16 int64_t bf16_dot_chains(double seconds, float* sink) {
   return steps * kChains * 32;  // 32 multiply-adds per instruction
 }
 
+// The same with AMX's TDPBF16PS (16×32 by 32×16 bfloat16 into 16×16 float32: 8192 multiply-adds
+// an instruction) into four independent accumulator tiles, of zero operands: the ceiling of the
+// bfloat16 flash tiles on AMX (bf16.cpp).
+NANOGPT_AMX int64_t amx_chains(double seconds, float* sink) {
+  using clock = std::chrono::steady_clock;
+  alignas(64) static const uint8_t zeros[16 * 64] = {};
+  amx_begin();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  const auto end = clock::now() + std::chrono::duration<double>(seconds);
+  int64_t steps = 0;
+  do {
+    for (int64_t s = 0; s < kStepsPerCheck / 16; ++s) {
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+    steps += kStepsPerCheck / 16;
+  } while (clock::now() < end);
+  alignas(64) float out[16 * 16];
+  _tile_stored(0, out, 64);
+  amx_end();
+  *sink = out[0];
+  return steps * 4 * 8192;
+}
+
 // GFLOP/s of `threads` threads each running `chains` for `seconds`, over the whole run's wall
 // time; 0 for no chains (an instruction this CPU lacks).
 double peak_gflops(int64_t threads, double seconds, int64_t (*chains)(double, float*)) {
@@ -116,12 +148,19 @@ bool bf16_dot_outruns_fma() {
   return faster;
 }
 
+// The same for AMX's TDPBF16PS; 0 on a CPU without it.
+double amx_peak_gflops(int64_t threads, double seconds) {
+  return peak_gflops(threads, seconds, bf16_amx_ready() ? amx_chains : nullptr);
+}
+
 void add_peak_entry_points(pybind11::module_& m) {
   using pybind11::arg;
   m.def("fma_peak_gflops", &fma_peak_gflops, arg("threads"), arg("seconds"),
         "measured FMA throughput in GFLOP/s of `threads` threads for about `seconds` each");
   m.def("bf16_dot_peak_gflops", &bf16_dot_peak_gflops, arg("threads"), arg("seconds"),
         "the same for AVX-512 BF16's vdpbf16ps (bfloat16 pairs into float32); 0 without it");
+  m.def("amx_peak_gflops", &amx_peak_gflops, arg("threads"), arg("seconds"),
+        "the same for AMX's TDPBF16PS (bfloat16 tiles into float32); 0 without it");
 }
 
 }  // namespace nanogpt

@@ -5,6 +5,8 @@
 
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -68,6 +70,32 @@ inline vw wload_part(const float* p, int n) {
 // cpu_has_avx512_bf16(): the bfloat16 flash tiles (bf16.cpp) and the peak they are measured against.
 #define NANOGPT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 inline bool cpu_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
+
+// Functions on AMX's tile registers (Sapphire Rapids and later), called only where
+// bf16_amx_ready(): the bfloat16 flash tiles (bf16.cpp) and their peak (peak.cpp). Not inlined:
+// a caller without the target attribute could not take them.
+#define NANOGPT_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"), noinline))
+
+// This CPU has AMX with bfloat16 and the kernel lets this process use the tile registers (Linux
+// asks for that once per process: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+inline bool bf16_amx_ready() {
+  static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                         syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// Tile registers 0-7 as 16 rows × 64 bytes (palette 1). A thread's configuration is its own, and
+// other code on the thread (oneDNN's, in SDPA) sets its own: amx_begin before each use.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+NANOGPT_AMX inline void amx_begin() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
+NANOGPT_AMX inline void amx_end() { _tile_release(); }  // no tile state to save on a context switch after this
 
 // kW (or n < kW, the rest zero) bfloat16 values widened to float (exact: a bfloat16 is a
 // float's high 16 bits), for kernels that read bfloat16 K and V with float arithmetic.

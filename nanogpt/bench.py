@@ -137,7 +137,8 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
           dtype=torch.float32) -> bool:
     """Verifies every variant, then times each variant × shape × mask interleaved with SDPA.
     variants defaults to the whole dispatch table (nanogpt.VARIANTS); PART0 may be named too.
-    dtype: of q, k, v and so of SDPA too (bfloat16: %peak of the bf16 dot peak where flash runs on it)."""
+    dtype: of q, k, v and so of SDPA too (bfloat16: %peak of the AMX or bf16 dot peak where flash
+    runs on it)."""
     variants = list(variants or nanogpt.VARIANTS)
     print(header())
     if dtype != torch.float32:
@@ -158,7 +159,9 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
     print(f"all match. this machine's square sgemm (torch a @ b, 2048³): {2 * 2048**3 / sgemm / 1e9:.0f} GFLOP/s")
     print(f"timing: median of {repeat}, every variant interleaved with SDPA in one loop\n")
     peak_name, peak = "FMA peak", host_info()["fma_peak_gflops"]
-    if dtype == torch.bfloat16 and nanogpt.build_info()["bf16_dot"]:  # else bfloat16 runs on float32 copies
+    if dtype == torch.bfloat16 and nanogpt.build_info()["bf16_amx"]:  # flash's bfloat16 path: AMX,
+        peak_name, peak = "AMX bf16 peak (TDPBF16PS)", host_info()["amx_peak_gflops"]
+    elif dtype == torch.bfloat16 and nanogpt.build_info()["bf16_dot"]:  # vdpbf16ps, or float32 copies
         peak_name, peak = "bf16 dot peak (vdpbf16ps)", host_info()["bf16_peak_gflops"]
     title = (f"{'shape':<22}{'causal':<8}{'variant':<9}{'ms':>10}{'GFLOP/s':>10}{'%peak':>7}{'xSDPA':>8}"
              f"{'xnaive':>8}  load")

@@ -47,24 +47,26 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def host_info(threads: int | None = None, seconds: float = 0.3) -> dict:
-    """{cpu, simd, threads, fma_peak_gflops, bf16_peak_gflops (0 without AVX-512 BF16)}: measured
-    once per process (about `seconds` each),
-    with torch's thread count unless given. The peak is what the same CPUs reach on
-    independent FMA chains (csrc/peak.cpp): the ceiling every GFLOP/s figure is a share of."""
+    """{cpu, simd, threads, fma_peak_gflops, bf16_peak_gflops (0 without AVX-512 BF16),
+    amx_peak_gflops (0 without AMX)}: measured once per process (about `seconds` each), with
+    torch's thread count unless given. A peak is what the same CPUs reach on independent chains
+    of the instruction (csrc/peak.cpp): the ceiling every GFLOP/s figure is a share of."""
     import nanogpt
 
     threads = threads or torch.get_num_threads()
     ext = nanogpt.extension()
     return {"cpu": cpu_model(), "simd": ext.compiled_info().get("cxx_simd", "?"), "threads": threads,
             "fma_peak_gflops": ext.fma_peak_gflops(threads, seconds),
-            "bf16_peak_gflops": ext.bf16_dot_peak_gflops(threads, seconds)}
+            "bf16_peak_gflops": ext.bf16_dot_peak_gflops(threads, seconds),
+            "amx_peak_gflops": ext.amx_peak_gflops(threads, seconds)}
 
 
 def format_host(info: dict) -> str:
-    bf16 = info.get("bf16_peak_gflops")
+    bf16, amx = info.get("bf16_peak_gflops"), info.get("amx_peak_gflops")
     return (f"host: {info['cpu']} ({info['simd']}), {info['threads']} threads, "
             f"FMA peak {info['fma_peak_gflops']:.0f} GFLOP/s"
-            + (f", bf16 dot peak {bf16:.0f} GFLOP/s (vdpbf16ps)" if bf16 else "") + " (measured now)")
+            + (f", bf16 dot peak {bf16:.0f} GFLOP/s (vdpbf16ps)" if bf16 else "")
+            + (f", AMX bf16 peak {amx:.0f} GFLOP/s" if amx else "") + " (measured now)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -261,16 +261,21 @@ def test_cpu_model_from_cpuinfo():
 
 def test_host_info(ext):
     info = host.host_info()
-    assert set(info) == {"cpu", "simd", "threads", "fma_peak_gflops", "bf16_peak_gflops"}
+    assert set(info) == {"cpu", "simd", "threads", "fma_peak_gflops", "bf16_peak_gflops", "amx_peak_gflops"}
     assert math.isfinite(info["fma_peak_gflops"]) and info["fma_peak_gflops"] > 0
     assert "FMA peak" in host.format_host(info)
-    # vdpbf16ps does two multiply-adds per float32 lane: where the CPU has it, more than the FMA's
-    has_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read()
-    assert (info["bf16_peak_gflops"] > info["fma_peak_gflops"] / 2) if has_bf16 else info["bf16_peak_gflops"] == 0
+    flags = open("/proc/cpuinfo").read()
+    # vdpbf16ps: twice the FMA's multiply-adds on a Zen 4, half of them on a Sapphire Rapids
+    has_bf16 = "avx512_bf16" in flags
+    assert (info["bf16_peak_gflops"] > info["fma_peak_gflops"] / 4) if has_bf16 else info["bf16_peak_gflops"] == 0
     assert ("bf16 dot peak" in host.format_host(info)) == has_bf16
+    # a TDPBF16PS does 8192 multiply-adds: where the CPU has AMX, several times the FMA's
+    has_amx = "amx_bf16" in flags and ext.build_info()["bf16_amx_cpu"]
+    assert (info["amx_peak_gflops"] > 2 * info["fma_peak_gflops"]) if has_amx else info["amx_peak_gflops"] == 0
+    assert ("AMX bf16 peak" in host.format_host(info)) == has_amx
 
 
-@pytest.mark.parametrize("peak", ["fma_peak_gflops", "bf16_dot_peak_gflops"])
+@pytest.mark.parametrize("peak", ["fma_peak_gflops", "bf16_dot_peak_gflops", "amx_peak_gflops"])
 @pytest.mark.parametrize("threads,seconds,match", [(0, 0.1, "threads"), (2, 0.0, "seconds"), (1, 11.0, "seconds")])
 def test_peaks_check_arguments(ext, peak, threads, seconds, match):
     with pytest.raises(ValueError, match=match):
