@@ -25,12 +25,13 @@ namespace {
 
 constexpr int64_t kDecodeRows = 8;    // queries per head up to which this path serves
 constexpr int64_t kSplitKeys = 512;   // keys per work item (scores of one span stay in L1)
+constexpr int64_t kPvKeys = 64;       // V rows per chunk that every query of a step takes in turn
 // Decoding streams K and V from memory at a few ns per key and head, so a second thread pays
 // for its wake-up (1–8 µs measured on a shared 2-core host) from ~2^16 multiply-adds on: a
 // 256-key step of 4 heads at d = 32 already runs on both cores.
 constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 
-// o[0:d] = Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
+// o[0:d] += Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
 // elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
 // the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
 // at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
@@ -51,8 +52,12 @@ void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d,
     for (; j + 2 <= n; j += 2) add(acc[0], j), add(acc[1], j + 1);
   for (; j < n; ++j) add(acc[0], j);
   for (int i = 0; i < NV; ++i) {
-    const vw sum = acc[0][i] + acc[1][i];
     const int n_out = std::min(kW, d - (c0 + i * kW));
+    vw sum = acc[0][i] + acc[1][i];
+    if (n_out == kW)
+      sum += wload(o + c0 + i * kW);
+    else
+      sum += wload_part(o + c0 + i * kW, n_out);
     std::memcpy(o + c0 + i * kW, &sum, n_out * sizeof(float));
   }
 }
@@ -97,27 +102,41 @@ void decode(const Problem& p) {
     // This thread's padded queries and scores: kept across calls (an allocation per call
     // costs as much as a short step's keys).
     static thread_local std::vector<float> scratch;
-    scratch.resize(std::max<size_t>(scratch.size(), nq * dq + kSplitKeys));
+    scratch.resize(std::max<size_t>(scratch.size(), nq * (dq + kSplitKeys)));
     float* qpad = scratch.data();
-    float* s = qpad + nq * dq;
+    float* scores = qpad + nq * dq;  // query i's: scores + i·kSplitKeys
+    int64_t n[kDecodeRows], n_max = 0;  // keys [j0, j0 + n[i]) visible to query i
     for (int64_t i = 0; i < nq; ++i) {
-      float* out = parts + ((bh * spans + span) * nq + i) * part;  // m, l, O[0:d]
-      const int64_t end = std::min(j1, p.key_end(i));              // keys [j0, end) visible
-      if (end <= j0) {
-        out[0] = kNegInf, out[1] = 0.f;
-        continue;
-      }
+      n[i] = std::max<int64_t>(0, std::min(j1, p.key_end(i)) - j0);
+      n_max = std::max(n_max, n[i]);
       const T* q = p.q.row<T>(b, h, i);
       float* qi = qpad + i * dq;  // zero past d: dot_rows multiplies it by K's masked-off tail
       for (int c = 0; c < d; ++c) qi[c] = float(q[c]) * qscale;
       std::fill(qi + d, qi + dq, 0.f);
-      const int64_t n = end - j0;
-      dot_rows(qi, p.k.row<T>(b, h, j0), p.k.sn, d, s, n);
-      float m;
-      const float l = softmax2_unnormalised(s, n, &m);  // 0 with m = -inf: nothing seen here
-      out[0] = m, out[1] = l;
-      if (l != 0.f) pv(s, p.v.row<T>(b, h, j0), p.v.sn, n, d, out + 2);
     }
+    // The queries share each read of K and V: a block of kW keys (a chunk of kPvKeys for V)
+    // stays in L1 while every query takes it, so the span comes from memory once, not nq times.
+    // The blocks depend on nothing but j0, so each query's sums are the same in any company.
+    const T* K = p.k.row<T>(b, h, j0);
+    for (int64_t jb = 0; jb < n_max; jb += kW)
+      for (int64_t i = 0; i < nq; ++i)
+        if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
+    bool any = false;  // some query saw a key here
+    for (int64_t i = 0; i < nq; ++i) {
+      float* out = parts + ((bh * spans + span) * nq + i) * part;  // m, l, O[0:d]
+      float m = kNegInf;
+      const float l = n[i] ? softmax2_unnormalised(scores + i * kSplitKeys, n[i], &m) : 0.f;  // 0: nothing seen here
+      out[0] = m, out[1] = l;
+      std::fill(out + 2, out + 2 + d, 0.f);
+      any |= l != 0.f;
+    }
+    const T* V = p.v.row<T>(b, h, j0);
+    for (int64_t jc = 0; any && jc < n_max; jc += kPvKeys)
+      for (int64_t i = 0; i < nq; ++i) {
+        float* out = parts + ((bh * spans + span) * nq + i) * part;
+        if (jc < n[i] && out[1] != 0.f)
+          pv(scores + i * kSplitKeys + jc, V + jc * p.v.sn, p.v.sn, std::min(kPvKeys, n[i] - jc), d, out + 2);
+      }
   }, kDecodeSerialBelow);
 
   // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
