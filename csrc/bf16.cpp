@@ -196,69 +196,90 @@ NANOGPT_BF16_KERNEL void pv_block(const uint32_t* Pp, int64_t ldp, int64_t pairs
     for (int ff = 0; ff < F; ++ff) _mm512_storeu_ps(O + r * dv + ff * 16, acc[r][ff]);
 }
 
-// Packed Q, P, O and the row state of one thread's query block.
+// One thread's scratch for a query block of br rows: packed Q, O and the row state, then `extra`
+// floats of the tile path's own (P; on AMX also the step's S and P·V).
 struct Scratch {
   uint32_t* Qp;              // (br, dh) feature pairs of the block's queries, zero rows past `rows`
-  c10::BFloat16* P;          // (br, bc) probabilities, row by row: (br, bc/2) key pairs
   float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
-  int64_t* vis;              // per row: keys of the step it sees
-  // per row: dh words of Qp, bc/2 words of P, dv floats of O, 3 floats (m, l, alpha) and 2 for
-  // vis (an int64, 8-byte aligned as br is a multiple of kRows = 4)
-  static int64_t floats(int64_t br, int64_t bc, int64_t dh, int64_t dv) { return br * (dh + bc / 2 + dv + 5); }
-  Scratch(float* base, int64_t br, int64_t bc, int64_t dh, int64_t dv)
-      : Qp(reinterpret_cast<uint32_t*>(base)), P(reinterpret_cast<c10::BFloat16*>(base + br * dh)),
-        O(base + br * dh + br * bc / 2), m(O + br * dv), l(m + br), alpha(l + br),
-        vis(reinterpret_cast<int64_t*>(alpha + br)) {}
+  int64_t* vis;              // per row: keys of the step it sees (an int64, aligned: br is even)
+  float* extra;
+  static int64_t floats(int64_t br, int64_t dh, int64_t dv, int64_t extra) { return br * (dh + dv + 5) + extra; }
+  Scratch(float* base, int64_t br, int64_t dh, int64_t dv)
+      : Qp(reinterpret_cast<uint32_t*>(base)), O(base + br * dh), m(O + br * dv), l(m + br), alpha(l + br),
+        vis(reinterpret_cast<int64_t*>(alpha + br)), extra(alpha + 3 * br) {}
 };
+
+// A query block as a tile path's steps see it: rows [i0, i0 + rows) of head (b, h), padded to
+// rows_p; keys [0, kend) visible to some row; the packed K and V of its kv head (Packed's shapes).
+struct Block {
+  int64_t b, h, i0, rows, rows_p, kend, dh, dv;
+  const uint32_t *Kp, *Vp;
+};
+
+// The frame both tile paths share: K and V packed (pair_multiple, key_multiple: pack_kv's), one
+// Scratch per thread with `extra` floats, and for each query block of br rows (rows_p a multiple
+// of row_multiple): Q packed, the row state set, steps(w, block) over the keys, then O
+// normalised and rounded into the output.
+template <class Steps>
+void tile_frame(const Problem& p, int64_t br, int64_t row_multiple, int64_t pair_multiple, int64_t key_multiple,
+                int64_t extra, const Steps& steps) {
+  const Packed pk = pack_kv(p, pair_multiple, key_multiple);
+  const int64_t dh = pk.dh, dv = pk.dv, Hk = p.H / p.k.group;
+  const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, dh, dv, extra), 16);
+  const double bytes = double(threads) * double(per_thread) * sizeof(float);
+  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
+                   bytes / double(1 << 30), " GiB of scratch (threads × br·(d/2 + bc/2 + d + 5)·4 bytes); "
+                   "choose a smaller br (the bfloat16 default is ", default_br(p.d), ")");
+  at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
+  float* scratch = scratch_t.data_ptr<float>();
+  const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
+  const uint32_t* Vall = reinterpret_cast<const uint32_t*>(pk.v.data_ptr<int32_t>());
+
+  const int64_t blocks = (p.Nq + br - 1) / br;
+  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
+    Scratch w(scratch + slot * per_thread, br, dh, dv);
+    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), kvh = b * Hk + h / p.k.group;
+    const Block k{b, h, i0, rows, round_up(rows, row_multiple), p.key_end(i0 + rows - 1), dh, dv,
+                  Kall + kvh * pk.Nkp * dh, Vall + kvh * pk.Nkp / 2 * dv};
+    for (int64_t r = 0; r < k.rows_p; ++r) {
+      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
+      const auto at = [&](int64_t c) { return r < rows && c < p.d ? q[c] : c10::BFloat16(0.f); };
+      for (int64_t c2 = 0; c2 < dh; ++c2) w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
+    }
+    std::fill(w.O, w.O + k.rows_p * dv, 0.f);
+    std::fill(w.m, w.m + k.rows_p, kNegInf);
+    std::fill(w.l, w.l + k.rows_p, 0.f);
+    steps(w, k);
+    for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
+      float* o = w.O + r * dv;
+      normalise_row(o, o, w.l[r], p.d);
+      std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
+      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
+    }
+  });
+}
 
 void tiles_avx512bf16(const Problem& p) {
   // br: a multiple of kRows; bc: 16 to kMaxKeys keys, a multiple of 16 (whole key groups in
   // registers); neither past the problem
   const int64_t br = round_up(std::min(p.br ? p.br : default_br(p.d), p.Nq), kRows);
   const int64_t bc = std::min(round_up(std::min(p.bc ? p.bc : kBc, p.Nk), 16), kMaxKeys);
-  const int64_t dh = (p.d + 1) / 2, dv = round_up(p.d, 16), Hk = p.H / p.k.group;
-  const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, bc, dh, dv), 16);
-  const double bytes = double(threads) * double(per_thread) * sizeof(float);
-  TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
-                   bytes / double(1 << 30), " GiB of scratch (threads × br·(d/2 + bc/2 + d + 5)·4 bytes); "
-                   "choose a smaller br (the bfloat16 default is ", default_br(p.d), ")");
-  const Packed pk = pack_kv(p);
-  at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
-  float* scratch = scratch_t.data_ptr<float>();
-  const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
-  const uint32_t* Vall = reinterpret_cast<const uint32_t*>(pk.v.data_ptr<int32_t>());
   const float qscale = p.scale * kLog2e;
-
-  const int64_t blocks = (p.Nq + br - 1) / br;
-  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
-    Scratch w(scratch + slot * per_thread, br, bc, dh, dv);
-    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), rows_p = round_up(rows, kRows);
-    const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
-    const int64_t kvh = b * Hk + h / p.k.group;
-    const uint32_t* Kp = Kall + kvh * pk.Nkp * dh;
-    const uint32_t* Vp = Vall + kvh * pk.Nkp / 2 * dv;
-
-    for (int64_t r = 0; r < rows_p; ++r) {
-      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
-      for (int64_t c2 = 0; c2 < dh; ++c2)
-        w.Qp[r * dh + c2] = r < rows ? pair(q[2 * c2], 2 * c2 + 1 < p.d ? q[2 * c2 + 1] : c10::BFloat16(0.f)) : 0u;
-    }
-    std::fill(w.O, w.O + rows_p * dv, 0.f);
-    std::fill(w.m, w.m + rows_p, kNegInf);
-    std::fill(w.l, w.l + rows_p, 0.f);
-
-    for (int64_t j0 = 0; j0 < kend; j0 += bc) {
-      const int64_t cols = std::min(bc, kend - j0), colsp = round_up(cols, 16), diag = p.diag(i0, rows, j0, cols);
+  tile_frame(p, br, kRows, 1, 16, br * bc / 2, [&](Scratch& w, const Block& k) {
+    c10::BFloat16* Pb = reinterpret_cast<c10::BFloat16*>(w.extra);  // (br, bc) probabilities: (br, bc/2) key pairs
+    const int64_t rows = k.rows, rows_p = k.rows_p, dh = k.dh, dv = k.dv;
+    for (int64_t j0 = 0; j0 < k.kend; j0 += bc) {
+      const int64_t cols = std::min(bc, k.kend - j0), colsp = round_up(cols, 16), diag = p.diag(k.i0, rows, j0, cols);
       bool masked = false;  // some row sees fewer than colsp keys of this step
       for (int64_t r = 0; r < rows_p; ++r) {
         w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
         masked |= w.vis[r] < colsp;
       }
-      const uint32_t* Kb = Kp + j0 * dh;  // groups j0/16.. of 16·dh words each
+      const uint32_t* Kb = k.Kp + j0 * dh;  // groups j0/16.. of 16·dh words each
       for (int64_t r = 0; r < rows_p; r += kRows) {
         auto step = [&](auto groups) {
           scores_softmax<decltype(groups)::value>(w.Qp + r * dh, dh, Kb, qscale, w.vis + r, masked, w.m + r, w.l + r,
-                                                  w.alpha + r, w.P + r * bc, bc);
+                                                  w.alpha + r, Pb + r * bc, bc);
         };
         switch (colsp / 16) {
           case 1: step(std::integral_constant<int, 1>{}); break;
@@ -267,8 +288,8 @@ void tiles_avx512bf16(const Problem& p) {
           default: step(std::integral_constant<int, 4>{}); break;
         }
       }
-      const uint32_t* P = reinterpret_cast<const uint32_t*>(w.P);
-      const uint32_t* Vb = Vp + j0 / 2 * dv;
+      const uint32_t* P = reinterpret_cast<const uint32_t*>(Pb);
+      const uint32_t* Vb = k.Vp + j0 / 2 * dv;
       for (int64_t f = 0; f < dv / 16; f += kFeats) {
         const int64_t nf = std::min<int64_t>(kFeats, dv / 16 - f);
         int64_t r = 0;
@@ -291,13 +312,6 @@ void tiles_avx512bf16(const Problem& p) {
           }
         }
       }
-    }
-
-    for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
-      float* o = w.O + r * dv;
-      normalise_row(o, o, w.l[r], p.d);
-      std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
-      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
     }
   });
 }
@@ -370,6 +384,17 @@ NANOGPT_AMX void amx_pv(const c10::BFloat16* P, int64_t pairs, const uint32_t* V
   if (nf > 3) _tile_stored(3, T + 48, 256);
 }
 
+// O[r, 0:16·nf] = alpha[r]·O[r, 0:16·nf] + T[r, 0:16·nf] for 16 rows (O's dv floats apart).
+NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_add(const float* T, const float* alpha, int nf, int64_t dv,
+                                                            float* O) {
+  for (int64_t r = 0; r < kAmxRows; ++r) {
+    float* o = O + r * dv;
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int i = 0; i < nf; ++i)
+      _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * i), a, _mm512_loadu_ps(T + r * kAmxKeys + 16 * i)));
+  }
+}
+
 // online_softmax over S's 16 rows, 4 at a time; P: 16 rows of 64 bfloat16.
 NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_softmax(const float* S, float scale, const int64_t* vis,
                                                                 bool masked, float* m, float* l, float* alpha,
@@ -382,85 +407,33 @@ NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_softmax(const float* S, f
   }
 }
 
-// Packed Q, the step's S, P and P·V, O and the row state of one thread's query block.
-struct AmxScratch {
-  uint32_t* Qp;              // (br, dh) feature pairs of the block's queries, zero rows past `rows`
-  float *S, *T;              // (16, 64) scores, (16, 64) P·V of up to four feature tiles
-  c10::BFloat16* P;          // (16, 64) probabilities
-  float *O, *m, *l, *alpha;  // (br, dv) unnormalised output; per row: max, sum, rescale factor
-  int64_t* vis;              // per row: keys of the step it sees
-  static int64_t floats(int64_t br, int64_t dh, int64_t dv) {
-    return br * (dh + dv + 5) + 2 * kAmxRows * kAmxKeys + kAmxRows * kAmxKeys / 2 + 16;  // + 16: alignment
-  }
-  AmxScratch(float* base, int64_t br, int64_t dh, int64_t dv)
-      : Qp(reinterpret_cast<uint32_t*>(base)), S(base + br * dh), T(S + kAmxRows * kAmxKeys),
-        P(reinterpret_cast<c10::BFloat16*>(T + kAmxRows * kAmxKeys)), O(T + kAmxRows * kAmxKeys * 3 / 2),
-        m(O + br * dv), l(m + br), alpha(l + br), vis(reinterpret_cast<int64_t*>(alpha + br)) {}
-};
-
 void tiles_amx(const Problem& p) {
   // br: a multiple of 16 rows, not past the problem (rounded up); steps of 64 keys
   const int64_t br = round_up(std::min(p.br ? p.br : default_br(p.d), p.Nq), kAmxRows);
-  const int64_t threads = at::get_num_threads();
-  const Packed pk = pack_kv(p, 16, kAmxKeys);
-  const int64_t dh = pk.dh, dv = pk.dv, Hk = p.H / p.k.group;
-  const int64_t per_thread = round_up(AmxScratch::floats(br, dh, dv), 16);
-  at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
-  float* scratch = scratch_t.data_ptr<float>();
-  const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
-  const uint32_t* Vall = reinterpret_cast<const uint32_t*>(pk.v.data_ptr<int32_t>());
   const float qscale = p.scale * kLog2e;
-
-  const int64_t blocks = (p.Nq + br - 1) / br;
-  parallel_blocks(p.B, p.H, blocks, threads, 2 * br * p.Nk * p.d, [&](int64_t b, int64_t h, int64_t blk, int64_t slot) {
-    amx_begin();  // per work item: other code on this thread (oneDNN's, in SDPA) configures tiles its own way
-    AmxScratch w(scratch + slot * per_thread, br, dh, dv);
-    const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), rows_p = round_up(rows, kAmxRows);
-    const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
-    const int64_t kvh = b * Hk + h / p.k.group;
-    const uint32_t* Kp = Kall + kvh * pk.Nkp * dh;
-    const uint32_t* Vp = Vall + kvh * pk.Nkp / 2 * dv;
-
-    for (int64_t r = 0; r < rows_p; ++r) {
-      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
-      for (int64_t c2 = 0; c2 < dh; ++c2) {
-        const auto at = [&](int64_t c) { return r < rows && c < p.d ? q[c] : c10::BFloat16(0.f); };
-        w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
-      }
-    }
-    std::fill(w.O, w.O + rows_p * dv, 0.f);
-    std::fill(w.m, w.m + rows_p, kNegInf);
-    std::fill(w.l, w.l + rows_p, 0.f);
-
-    for (int64_t j0 = 0; j0 < kend; j0 += kAmxKeys) {
-      const int64_t cols = std::min(kAmxKeys, kend - j0), diag = p.diag(i0, rows, j0, cols);
+  constexpr int64_t kStep = kAmxRows * kAmxKeys;  // the step's S, P·V (floats) and P (bfloat16)
+  tile_frame(p, br, kAmxRows, 16, kAmxKeys, 2 * kStep + kStep / 2, [&](Scratch& w, const Block& k) {
+    amx_begin();  // per block: other code on this thread (oneDNN's, in SDPA) configures tiles its own way
+    float *S = w.extra, *T = S + kStep;
+    c10::BFloat16* P = reinterpret_cast<c10::BFloat16*>(T + kStep);
+    const int64_t rows = k.rows, rows_p = k.rows_p, dh = k.dh, dv = k.dv;
+    for (int64_t j0 = 0; j0 < k.kend; j0 += kAmxKeys) {
+      const int64_t cols = std::min(kAmxKeys, k.kend - j0), diag = p.diag(k.i0, rows, j0, cols);
       for (int64_t r0 = 0; r0 < rows_p; r0 += kAmxRows) {
         bool masked = false;  // some row sees fewer than the step's 64 keys
         for (int64_t r = r0; r < r0 + kAmxRows; ++r) {
           w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
           masked |= w.vis[r] < kAmxKeys;
         }
-        amx_scores(w.Qp + r0 * dh, dh, Kp + j0 * dh, w.S);
-        amx_softmax(w.S, qscale, w.vis + r0, masked, w.m + r0, w.l + r0, w.alpha + r0, w.P);
+        amx_scores(w.Qp + r0 * dh, dh, k.Kp + j0 * dh, S);
+        amx_softmax(S, qscale, w.vis + r0, masked, w.m + r0, w.l + r0, w.alpha + r0, P);
         const int64_t pairs = round_up(cols, 32) / 2;  // keys past cols have P = 0: whole 32-key passes
         for (int64_t f = 0; f < dv / 16; f += 4) {
           const int nf = int(std::min<int64_t>(4, dv / 16 - f));
-          amx_pv(w.P, pairs, Vp + j0 / 2 * dv + f * 16, dv, nf, w.T);
-          for (int64_t r = 0; r < kAmxRows; ++r) {  // O = alpha·O + this step's P·V
-            float* o = w.O + (r0 + r) * dv + f * 16;
-            const __m512 a = _mm512_set1_ps(w.alpha[r0 + r]);
-            for (int i = 0; i < nf; ++i)
-              _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * i), a, _mm512_loadu_ps(w.T + r * kAmxKeys + 16 * i)));
-          }
+          amx_pv(P, pairs, k.Vp + j0 / 2 * dv + f * 16, dv, nf, T);
+          amx_add(T, w.alpha + r0, nf, dv, w.O + r0 * dv + f * 16);
         }
       }
-    }
-
-    for (int64_t r = 0; r < rows; ++r) {  // normalise (l = 0: saw no key, zeros) and round
-      float* o = w.O + r * dv;
-      normalise_row(o, o, w.l[r], p.d);
-      std::copy(o, o + p.d, p.o.row<c10::BFloat16>(b, h, i0 + r));
-      if (p.lse) p.lse[(b * p.H + h) * p.Nq + i0 + r] = lse_from(w.m[r], w.l[r]);
     }
     amx_end();
   });
