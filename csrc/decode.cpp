@@ -35,25 +35,40 @@ constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 // elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
 // the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
 // at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
-template <int NV, class T>
-void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
+// a[0:NV] += p·v[0:NV·kW] (the last vector's rem elements only, where Tail): one key's row
+template <bool Tail, int NV, class T>
+inline void pv_key(vw (&a)[NV], float p, const T* v, int rem) {
+  const vw pj = vw{} + p;
+#pragma GCC unroll 8
+  for (int i = 0; i < NV - 1; ++i) a[i] += pj * wload(v + i * kW);
+  a[NV - 1] += pj * (Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
+}
+
+// The key loop of pv_slice, its last vector partial (Tail) or not: decided once, outside the loop
+// (a test per key kept GCC from holding the accumulators in registers across it).
+template <bool Tail, int NV, class T>
+void pv_keys(const float* p, const T* v, int64_t ldv, int64_t n, int rem, vw (&acc0)[NV], vw (&acc1)[NV]) {
   constexpr int kSets = 2 * NV <= (kW == 16 ? 16 : 8) ? 2 : 1;
-  vw acc[2][NV] = {};
-  const bool tail = c0 + NV * kW > d;  // the last vector is partial: load it without over-read
-  const int rem = d - (c0 + (NV - 1) * kW);
-  auto add = [&](vw* a, int64_t j) {
-    const T* v = V + j * ldv + c0;
-    const vw pj = vw{} + p[j];
-    for (int i = 0; i < NV - 1; ++i) a[i] += pj * wload(v + i * kW);
-    a[NV - 1] += pj * (tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
-  };
   int64_t j = 0;
   if constexpr (kSets == 2)
-    for (; j + 2 <= n; j += 2) add(acc[0], j), add(acc[1], j + 1);
-  for (; j < n; ++j) add(acc[0], j);
+    for (; j + 2 <= n; j += 2) {
+      pv_key<Tail>(acc0, p[j], v + j * ldv, rem);
+      pv_key<Tail>(acc1, p[j + 1], v + (j + 1) * ldv, rem);
+    }
+  for (; j < n; ++j) pv_key<Tail>(acc0, p[j], v + j * ldv, rem);
+}
+
+template <int NV, class T>
+void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
+  vw acc0[NV] = {}, acc1[NV] = {};
+  const int rem = d - (c0 + (NV - 1) * kW);  // the last vector's elements: partial, loaded without over-read
+  if (rem < kW)
+    pv_keys<true>(p, V + c0, ldv, n, rem, acc0, acc1);
+  else
+    pv_keys<false>(p, V + c0, ldv, n, rem, acc0, acc1);
   for (int i = 0; i < NV; ++i) {
     const int n_out = std::min(kW, d - (c0 + i * kW));
-    vw sum = acc[0][i] + acc[1][i];
+    vw sum = acc0[i] + acc1[i];
     if (n_out == kW)
       sum += wload(o + c0 + i * kW);
     else

@@ -43,12 +43,52 @@ inline vw lane_sums(vw* a) {
 #endif
 }
 
+// dot_rows for rows of at most NQ·kW elements: q's NQ vectors stay in registers and each row is
+// taken whole in turn, one row pointer stepping by ldk (the general loop below walks kW row
+// pointers, which spill at small d: half its time went to reloading them). The same products
+// in the same order, so the same sums.
+template <int NQ, class T>
+inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
+  const int rem = d - (NQ - 1) * kW;  // elements of a row's last vector
+  vw qv[NQ];
+#pragma GCC unroll 8
+  for (int i = 0; i < NQ; ++i) qv[i] = wload(q + i * kW);
+  const auto row = [&](const T* k) {
+    vw a = {};
+#pragma GCC unroll 8
+    for (int i = 0; i < NQ - 1; ++i) a += wload(k + i * kW) * qv[i];
+    return a + (rem == kW ? wload(k + (NQ - 1) * kW) : wload_part(k + (NQ - 1) * kW, rem)) * qv[NQ - 1];
+  };
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    vw acc[kW];
+    const T* k = K + j * ldk;
+#pragma GCC unroll 16
+    for (int r = 0; r < kW; ++r, k += ldk) acc[r] = row(k);
+    wstore(s + j, lane_sums(acc));
+  }
+  for (; j < n; ++j) {  // the last n % kW rows, one horizontal sum each
+    const vw a = row(K + j * ldk);
+    float t = 0.f;
+    for (int i = 0; i < kW; ++i) t += a[i];
+    s[j] = t;
+  }
+}
+
 // s[j] = Σ_c q[c]·K[j, c] for j in [0, n): one vector against n rows (a query against keys, or
 // a weight matrix against an input). q is zero-padded to a multiple of kW, K rows have stride
 // ldk and d valid elements (the tail vector of a row is loaded partially: no over-read); T is
 // float, or c10::BFloat16 (a bfloat16 KV cache, widened as it is read).
 template <class T>
 inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
+  // rows of up to 4 vectors (a head of d <= 64 on AVX-512, 32 on AVX2): q in registers
+  switch ((d + kW - 1) / kW) {
+    case 1: return dot_rows_short<1>(q, K, ldk, d, s, n);
+    case 2: return dot_rows_short<2>(q, K, ldk, d, s, n);
+    case 3: return dot_rows_short<3>(q, K, ldk, d, s, n);
+    case 4: return dot_rows_short<4>(q, K, ldk, d, s, n);
+    default: break;
+  }
   const int full = d / kW * kW, rem = d - full;
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
