@@ -109,9 +109,9 @@ inline at::Tensor keys_transposed(const Problem& p) {
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
 void flash_decode(const Problem& p);  // float32 or bfloat16
 
-// bfloat16 (bf16.cpp). flash's tile path in bfloat16: both matmuls on AVX-512 BF16 (vdpbf16ps)
-// where this CPU has it and it outruns the FMA there (both checked at run time), else
-// run_in_float32.
+// bfloat16 (bf16.cpp). flash's tile path in bfloat16: both matmuls on AMX where the CPU has it,
+// else on AVX-512 BF16 (vdpbf16ps) where this CPU has it and it outruns the FMA there (all
+// checked at run time), else run_in_float32.
 void flash_tiles_bf16(const Problem& p);
 bool has_bf16_dot();  // the bfloat16 tiles run on vdpbf16ps
 // nullopt: where it outruns the FMA (the default); true or false: wherever the CPU has it, or
