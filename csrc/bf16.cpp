@@ -223,13 +223,15 @@ struct Block {
 template <class Steps>
 void tile_frame(const Problem& p, int64_t br, int64_t row_multiple, int64_t pair_multiple, int64_t key_multiple,
                 int64_t extra, const Steps& steps) {
-  const Packed pk = pack_kv(p, pair_multiple, key_multiple);
-  const int64_t dh = pk.dh, dv = pk.dv, Hk = p.H / p.k.group;
+  // the scratch is checked before anything is packed
+  const int64_t dh = round_up((p.d + 1) / 2, pair_multiple), dv = round_up(p.d, 16), Hk = p.H / p.k.group;
   const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, dh, dv, extra), 16);
   const double bytes = double(threads) * double(per_thread) * sizeof(float);
   TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
-                   bytes / double(1 << 30), " GiB of scratch (threads × br·(d/2 + bc/2 + d + 5)·4 bytes); "
-                   "choose a smaller br (the bfloat16 default is ", default_br(p.d), ")");
+                   bytes / double(1 << 30), " GiB of scratch (", threads, " threads × ", per_thread,
+                   " floats, mostly br·(d + d/2) for O and Q); choose a smaller br (the bfloat16 default is ",
+                   default_br(p.d), ")");
+  const Packed pk = pack_kv(p, pair_multiple, key_multiple);  // pk.dh == dh, pk.dv == dv
   at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
   float* scratch = scratch_t.data_ptr<float>();
   const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
@@ -321,8 +323,9 @@ void tiles_avx512bf16(const Problem& p) {
 // The AMX path (Sapphire Rapids and later). TDPBF16PS multiplies a tile A of 16 rows × 32
 // bfloat16 by a tile B of 32 × 16 stored as 16 rows of 16 pairs, into a 16 × 16 float32 tile C:
 // 8192 multiply-adds per instruction. The packing above is already B's layout: a 16-key group
-// of Kp is a B tile of Q·Kᵀ (16 feature pairs per row: dh rounded up to 16), and 16 rows of Vp
-// (32 keys) × 16 features a B tile of P·V. A step is 16 query rows × 64 keys: S = Q·Kᵀ in four
+// of Kp is a B tile of Q·Kᵀ (each row one feature pair of the 16 keys, 16 rows a tile: dh is
+// rounded up to 16), and 16 rows of Vp (32 keys) × 16 features a B tile of P·V. Steps are 64 keys
+// whatever bc asks for. A step is 16 query rows × 64 keys: S = Q·Kᵀ in four
 // C tiles, stored to L1 and taken by online_softmax 4 rows at a time (P to bfloat16, row-major:
 // the A tiles of P·V as they are), then P·V into up to four C tiles, added to O after its
 // rescaling. Tile registers: 0-3 C, 4 A, 5-7 B.
@@ -332,6 +335,9 @@ constexpr int64_t kAmxKeys = 64;  // keys per step: four C tiles of scores
 
 // S[16][64] = Q·Kᵀ for 16 query rows (Qp, dh words a row) and 64 keys (four 16-key groups of Kp).
 NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float* S) {
+  // GCC's _tile_loadd is an asm without a memory operand: the barrier says that the tiles read
+  // memory written before this call
+  __asm__ volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -356,6 +362,9 @@ NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, 
 // T[16][16·nf] = P·V for 16 rows of P (64 keys, pairs words of them) and nf <= 4 16-feature
 // columns of V (Vp at the step's first key pair and the first of the columns, dv words a row).
 NANOGPT_AMX void amx_pv(const c10::BFloat16* P, int64_t pairs, const uint32_t* Vp, int64_t dv, int nf, float* T) {
+  // GCC's _tile_loadd is an asm without a memory operand: the barrier says that the tiles read
+  // memory written before this call
+  __asm__ volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);

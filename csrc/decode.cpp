@@ -31,10 +31,6 @@ constexpr int64_t kPvKeys = 64;       // V rows per chunk that every query of a 
 // 256-key step of 4 heads at d = 32 already runs on both cores.
 constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 
-// o[0:d] += Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
-// elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
-// the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
-// at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
 // a[0:NV] += p·v[0:NV·kW] (the last vector's rem elements only, where Tail): one key's row
 template <bool Tail, int NV, class T>
 inline void pv_key(vw (&a)[NV], float p, const T* v, int rem) {
@@ -58,6 +54,10 @@ void pv_keys(const float* p, const T* v, int64_t ldv, int64_t n, int rem, vw (&a
   for (; j < n; ++j) pv_key<Tail>(acc0, p[j], v + j * ldv, rem);
 }
 
+// o[0:d] += Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
+// elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
+// the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
+// at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
 template <int NV, class T>
 void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
   vw acc0[NV] = {}, acc1[NV] = {};
