@@ -333,15 +333,19 @@ void tiles_avx512bf16(const Problem& p) {
 constexpr int64_t kAmxRows = 16;  // query rows per step: a tile's rows
 constexpr int64_t kAmxKeys = 64;  // keys per step: four C tiles of scores
 
-// S[16][64] = Q·Kᵀ for 16 query rows (Qp, dh words a row) and 64 keys (four 16-key groups of Kp).
-NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float* S) {
-  // GCC's _tile_loadd is an asm without a memory operand: the barrier says that the tiles read
-  // memory written before this call
+// Zeroes the C tiles 0-3. Also a memory barrier for the caller's tile loads: GCC's _tile_loadd is
+// an asm that names no memory, so nothing would tell the compiler they read what was stored before.
+NANOGPT_AMX void amx_zero_c() {
   __asm__ volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+}
+
+// S[16][64] = Q·Kᵀ for 16 query rows (Qp, dh words a row) and 64 keys (four 16-key groups of Kp).
+NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float* S) {
+  amx_zero_c();
   for (int64_t c = 0; c < dh; c += 16) {  // 32 features a pass
     _tile_loadd(4, Qp + c, dh * 4);
     _tile_loadd(5, Kp + (0 * dh + c) * 16, 64);
@@ -362,13 +366,7 @@ NANOGPT_AMX void amx_scores(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, 
 // T[16][16·nf] = P·V for 16 rows of P (64 keys, pairs words of them) and nf <= 4 16-feature
 // columns of V (Vp at the step's first key pair and the first of the columns, dv words a row).
 NANOGPT_AMX void amx_pv(const c10::BFloat16* P, int64_t pairs, const uint32_t* Vp, int64_t dv, int nf, float* T) {
-  // GCC's _tile_loadd is an asm without a memory operand: the barrier says that the tiles read
-  // memory written before this call
-  __asm__ volatile("" ::: "memory");
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  amx_zero_c();
   for (int64_t j2 = 0; j2 < pairs; j2 += 16) {  // 32 keys a pass
     _tile_loadd(4, P + 2 * j2, kAmxKeys * 2);
     const uint32_t* v = Vp + j2 * dv;
