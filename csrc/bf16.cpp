@@ -58,13 +58,19 @@ View view(const at::Tensor& t, int64_t group = 1) {
 
 struct Packed {
   int64_t dh, dv, Nkp;
-  at::Tensor k, v;  // (B·Hk, Nkp·dh) and (B·Hk, Nkp/2·dv) 32-bit words
+  at::Tensor k, v;  // (B·Hk, Nkp·dh) and (B·Hk, Nkp/2·dv) 32-bit words, from pack_kv
 };
 
-Packed pack_kv(const Problem& p, int64_t pair_multiple = 1, int64_t key_multiple = 16) {
-  const int64_t Hk = p.H / p.k.group, dh = round_up((p.d + 1) / 2, pair_multiple), dv = round_up(p.d, 16),
-                Nkp = round_up(p.Nk, key_multiple);
-  Packed pk{dh, dv, Nkp, at::empty({p.B * Hk, Nkp * dh}, at::kInt), at::empty({p.B * Hk, Nkp / 2 * dv}, at::kInt)};
+// The shapes of a path's packing: dh rounded up to pair_multiple, Nkp to key_multiple.
+Packed packing(const Problem& p, int64_t pair_multiple, int64_t key_multiple) {
+  return {round_up((p.d + 1) / 2, pair_multiple), round_up(p.d, 16), round_up(p.Nk, key_multiple), {}, {}};
+}
+
+// K and V of every kv head packed into pk's shapes.
+void pack_kv(const Problem& p, Packed& pk) {
+  const int64_t Hk = p.H / p.k.group, dh = pk.dh, dv = pk.dv, Nkp = pk.Nkp;
+  pk.k = at::empty({p.B * Hk, Nkp * dh}, at::kInt);
+  pk.v = at::empty({p.B * Hk, Nkp / 2 * dv}, at::kInt);
   const c10::BFloat16 zero(0.f);
   at::parallel_for(0, p.B * Hk, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
@@ -82,7 +88,6 @@ Packed pack_kv(const Problem& p, int64_t pair_multiple = 1, int64_t key_multiple
         for (int64_t c = 0; c < dv; ++c) vp[j2 * dv + c] = pair(vat(2 * j2, c), vat(2 * j2 + 1, c));
     }
   });
-  return pk;
 }
 
 // The two register-blocked kernels are not inlined into the tile loop: inlined, GCC spilled
@@ -209,6 +214,18 @@ struct Scratch {
         vis(reinterpret_cast<int64_t*>(alpha + br)), extra(alpha + 3 * br) {}
 };
 
+// vis[r] for rows [r0, r1) of a step of `cols` keys (diag: Problem::diag of the step; rows past
+// `rows` see none). Returns whether some row sees fewer than `full` keys: the step's lanes past
+// vis must then be masked.
+bool set_visible(int64_t* vis, int64_t r0, int64_t r1, int64_t rows, int64_t diag, int64_t cols, int64_t full) {
+  bool masked = false;
+  for (int64_t r = r0; r < r1; ++r) {
+    vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
+    masked |= vis[r] < full;
+  }
+  return masked;
+}
+
 // A query block as a tile path's steps see it: rows [i0, i0 + rows) of head (b, h), padded to
 // rows_p; keys [0, kend) visible to some row; the packed K and V of its kv head (Packed's shapes).
 struct Block {
@@ -216,22 +233,22 @@ struct Block {
   const uint32_t *Kp, *Vp;
 };
 
-// The frame both tile paths share: K and V packed (pair_multiple, key_multiple: pack_kv's), one
+// The frame both tile paths share: K and V packed (pair_multiple, key_multiple: packing's), one
 // Scratch per thread with `extra` floats, and for each query block of br rows (rows_p a multiple
 // of row_multiple): Q packed, the row state set, steps(w, block) over the keys, then O
 // normalised and rounded into the output.
 template <class Steps>
 void tile_frame(const Problem& p, int64_t br, int64_t row_multiple, int64_t pair_multiple, int64_t key_multiple,
                 int64_t extra, const Steps& steps) {
-  // the scratch is checked before anything is packed
-  const int64_t dh = round_up((p.d + 1) / 2, pair_multiple), dv = round_up(p.d, 16), Hk = p.H / p.k.group;
+  Packed pk = packing(p, pair_multiple, key_multiple);  // the scratch is checked before anything is packed
+  const int64_t dh = pk.dh, dv = pk.dv, Hk = p.H / p.k.group;
   const int64_t threads = at::get_num_threads(), per_thread = round_up(Scratch::floats(br, dh, dv, extra), 16);
   const double bytes = double(threads) * double(per_thread) * sizeof(float);
   TORCH_CHECK_WITH(OutOfMemoryError, bytes <= double(1) * (1 << 30), "flash tiles br=", br, " need ",
                    bytes / double(1 << 30), " GiB of scratch (", threads, " threads × ", per_thread,
                    " floats, mostly br·(d + d/2) for O and Q); choose a smaller br (the bfloat16 default is ",
                    default_br(p.d), ")");
-  const Packed pk = pack_kv(p, pair_multiple, key_multiple);  // pk.dh == dh, pk.dv == dv
+  pack_kv(p, pk);
   at::Tensor scratch_t = at::empty({threads, per_thread}, at::kFloat);
   float* scratch = scratch_t.data_ptr<float>();
   const uint32_t* Kall = reinterpret_cast<const uint32_t*>(pk.k.data_ptr<int32_t>());
@@ -272,11 +289,7 @@ void tiles_avx512bf16(const Problem& p) {
     const int64_t rows = k.rows, rows_p = k.rows_p, dh = k.dh, dv = k.dv;
     for (int64_t j0 = 0; j0 < k.kend; j0 += bc) {
       const int64_t cols = std::min(bc, k.kend - j0), colsp = round_up(cols, 16), diag = p.diag(k.i0, rows, j0, cols);
-      bool masked = false;  // some row sees fewer than colsp keys of this step
-      for (int64_t r = 0; r < rows_p; ++r) {
-        w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
-        masked |= w.vis[r] < colsp;
-      }
+      const bool masked = set_visible(w.vis, 0, rows_p, rows, diag, cols, colsp);
       const uint32_t* Kb = k.Kp + j0 * dh;  // groups j0/16.. of 16·dh words each
       for (int64_t r = 0; r < rows_p; r += kRows) {
         auto step = [&](auto groups) {
@@ -318,17 +331,16 @@ void tiles_avx512bf16(const Problem& p) {
   });
 }
 
-
 // ---------------------------------------------------------------------------------------
 // The AMX path (Sapphire Rapids and later). TDPBF16PS multiplies a tile A of 16 rows × 32
 // bfloat16 by a tile B of 32 × 16 stored as 16 rows of 16 pairs, into a 16 × 16 float32 tile C:
 // 8192 multiply-adds per instruction. The packing above is already B's layout: a 16-key group
 // of Kp is a B tile of Q·Kᵀ (each row one feature pair of the 16 keys, 16 rows a tile: dh is
-// rounded up to 16), and 16 rows of Vp (32 keys) × 16 features a B tile of P·V. Steps are 64 keys
-// whatever bc asks for. A step is 16 query rows × 64 keys: S = Q·Kᵀ in four
-// C tiles, stored to L1 and taken by online_softmax 4 rows at a time (P to bfloat16, row-major:
-// the A tiles of P·V as they are), then P·V into up to four C tiles, added to O after its
-// rescaling. Tile registers: 0-3 C, 4 A, 5-7 B.
+// rounded up to 16), and 16 rows of Vp (32 keys) × 16 features a B tile of P·V. A step is 16
+// query rows × 64 keys, whatever bc asks for: S = Q·Kᵀ in four C tiles, stored to L1 and taken
+// by online_softmax 4 rows at a time (P to bfloat16, row-major: the A tiles of P·V as they are),
+// then P·V into up to four C tiles, added to O after its rescaling. Tile registers: 0-3 C, 4 A,
+// 5-7 B.
 
 constexpr int64_t kAmxRows = 16;  // query rows per step: a tile's rows
 constexpr int64_t kAmxKeys = 64;  // keys per step: four C tiles of scores
@@ -427,11 +439,7 @@ void tiles_amx(const Problem& p) {
     for (int64_t j0 = 0; j0 < k.kend; j0 += kAmxKeys) {
       const int64_t cols = std::min(kAmxKeys, k.kend - j0), diag = p.diag(k.i0, rows, j0, cols);
       for (int64_t r0 = 0; r0 < rows_p; r0 += kAmxRows) {
-        bool masked = false;  // some row sees fewer than the step's 64 keys
-        for (int64_t r = r0; r < r0 + kAmxRows; ++r) {
-          w.vis[r] = r < rows ? std::clamp<int64_t>(r + diag, 0, cols) : 0;  // row r sees keys [j0, j0 + vis)
-          masked |= w.vis[r] < kAmxKeys;
-        }
+        const bool masked = set_visible(w.vis, r0, r0 + kAmxRows, rows, diag, cols, kAmxKeys);
         amx_scores(w.Qp + r0 * dh, dh, k.Kp + j0 * dh, S);
         amx_softmax(S, qscale, w.vis + r0, masked, w.m + r0, w.l + r0, w.alpha + r0, P);
         const int64_t pairs = round_up(cols, 32) / 2;  // keys past cols have P = 0: whole 32-key passes

@@ -121,6 +121,7 @@ void decode(const Problem& p) {
     float* qpad = scratch.data();
     float* scores = qpad + nq * dq;  // query i's: scores + i·kSplitKeys
     int64_t n[kDecodeRows], n_max = 0;  // keys [j0, j0 + n[i]) visible to query i
+    const auto part_of = [&](int64_t i) { return parts + ((bh * spans + span) * nq + i) * part; };  // m, l, O[0:d]
     for (int64_t i = 0; i < nq; ++i) {
       n[i] = std::max<int64_t>(0, std::min(j1, p.key_end(i)) - j0);
       n_max = std::max(n_max, n[i]);
@@ -138,7 +139,7 @@ void decode(const Problem& p) {
         if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
     bool any = false;  // some query saw a key here
     for (int64_t i = 0; i < nq; ++i) {
-      float* out = parts + ((bh * spans + span) * nq + i) * part;  // m, l, O[0:d]
+      float* out = part_of(i);
       float m = kNegInf;
       const float l = n[i] ? softmax2_unnormalised(scores + i * kSplitKeys, n[i], &m) : 0.f;  // 0: nothing seen here
       out[0] = m, out[1] = l;
@@ -148,7 +149,7 @@ void decode(const Problem& p) {
     const T* V = p.v.row<T>(b, h, j0);
     for (int64_t jc = 0; any && jc < n_max; jc += kPvKeys)
       for (int64_t i = 0; i < nq; ++i) {
-        float* out = parts + ((bh * spans + span) * nq + i) * part;
+        float* out = part_of(i);
         if (jc < n[i] && out[1] != 0.f)
           pv(scores + i * kSplitKeys + jc, V + jc * p.v.sn, p.v.sn, std::min(kPvKeys, n[i] - jc), d, out + 2);
       }

@@ -5,6 +5,8 @@
 
 #include "simd.h"
 
+#include <type_traits>
+
 namespace nanogpt {
 
 // out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
@@ -43,11 +45,12 @@ inline vw lane_sums(vw* a) {
 #endif
 }
 
-// dot_rows for rows of at most NQ·kW elements: q's NQ vectors stay in registers and each row is
+// dot_rows for rows of at most NQ·kW elements, the last vector partial (Tail: d % kW elements,
+// decided once by the caller, not per row): q's NQ vectors stay in registers and each row is
 // taken whole in turn, one row pointer stepping by ldk (the general loop below walks kW row
 // pointers, which spill at small d: half its time went to reloading them). The same products
 // in the same order, so the same sums.
-template <int NQ, class T>
+template <int NQ, bool Tail, class T>
 inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
   const int rem = d - (NQ - 1) * kW;  // elements of a row's last vector
   vw qv[NQ];
@@ -57,7 +60,7 @@ inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float
     vw a = {};
 #pragma GCC unroll 8
     for (int i = 0; i < NQ - 1; ++i) a += wload(k + i * kW) * qv[i];
-    return a + (rem == kW ? wload(k + (NQ - 1) * kW) : wload_part(k + (NQ - 1) * kW, rem)) * qv[NQ - 1];
+    return a + (Tail ? wload_part(k + (NQ - 1) * kW, rem) : wload(k + (NQ - 1) * kW)) * qv[NQ - 1];
   };
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
@@ -82,11 +85,15 @@ inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float
 template <class T>
 inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
   // rows of up to 4 vectors (a head of d <= 64 on AVX-512, 32 on AVX2): q in registers
+  const auto short_rows = [&](auto nq) {
+    constexpr int NQ = decltype(nq)::value;
+    d % kW ? dot_rows_short<NQ, true>(q, K, ldk, d, s, n) : dot_rows_short<NQ, false>(q, K, ldk, d, s, n);
+  };
   switch ((d + kW - 1) / kW) {
-    case 1: return dot_rows_short<1>(q, K, ldk, d, s, n);
-    case 2: return dot_rows_short<2>(q, K, ldk, d, s, n);
-    case 3: return dot_rows_short<3>(q, K, ldk, d, s, n);
-    case 4: return dot_rows_short<4>(q, K, ldk, d, s, n);
+    case 1: return short_rows(std::integral_constant<int, 1>{});
+    case 2: return short_rows(std::integral_constant<int, 2>{});
+    case 3: return short_rows(std::integral_constant<int, 3>{});
+    case 4: return short_rows(std::integral_constant<int, 4>{});
     default: break;
   }
   const int full = d / kW * kW, rem = d - full;
