@@ -35,24 +35,25 @@ SCORE_BLOCK(score_wide, kKeys, VECS)
 SCORE_BLOCK(score_one, kKeys, 1)
 SCORE_BLOCK(score_wide_tail, 1, VECS)
 SCORE_BLOCK(score_one_tail, 1, 1)
-PV_BLOCK(pv_wide, 4, VECS)  // 4 queries × VECS vectors
 PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
-KEY_BLOCK(key_wide, 4, VECS)  // 4 keys × VECS vectors
+KEY_BLOCK(key_wide, kWideRows, VECS)  // kWideRows keys × VECS vectors (as pv_wide)
+#if kWideRows == 4
+#define key_four key_wide
+#else
+KEY_BLOCK(key_four, 4, VECS)
+#endif
 KEY_BLOCK(key_one, 8, 1)      // 8 keys × 1 vector
 KEY_BLOCK(key_wide_tail, 1, VECS)
 KEY_BLOCK(key_one_tail, 1, 1)
+PV_BLOCK(pv_two, 8, 2)  // 32-wide panels on avx512 (on avx2, two vectors are VECS)
+KEY_BLOCK(key_two, 8, 2)
+KEY_BLOCK(key_two_tail, 1, 2)
 #if VECS > 2
 SCORE_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
 SCORE_BLOCK(score_two_tail, 1, 2)
-PV_BLOCK(pv_two, 8, 2)
-KEY_BLOCK(key_two, 8, 2)
-KEY_BLOCK(key_two_tail, 1, 2)
 #else
 #define score_two score_wide
 #define score_two_tail score_wide_tail
-#define pv_two pv_wide
-#define key_two key_wide
-#define key_two_tail key_wide_tail
 #endif
 
 // Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq).
@@ -85,7 +86,8 @@ static void accumulate_keys(const uniform float Pt[], uniform int nq, const unif
     const uniform int nv = block_vecs((dp - f) / programCount);
     uniform int c = 0;
     if (nv == VECS) {
-      for (; c + 4 <= cols; c += 4) key_wide(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+      for (; c + kWideRows <= cols; c += kWideRows) key_wide(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+      for (; c + 4 <= cols; c += 4) key_four(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
       for (; c < cols; ++c) key_wide_tail(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
     } else if (nv == 2) {
       for (; c + 8 <= cols; c += 8) key_two(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
@@ -134,7 +136,7 @@ export void flash_backward_tile(const uniform float Qt[], const uniform float Q[
   for (uniform int f = 0; f < dp;) {
     const uniform int nv = block_vecs((dp - f) / programCount);
     if (nv == VECS) {
-      for (uniform int r = 0; r < nq; r += 4) pv_wide(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
+      pv_wide_rows(dS, nq, K + f, ldk, dQ + f, dp, nq, cols);
     } else if (nv == 2) {
       for (uniform int r = 0; r < nq; r += 8) pv_two(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
     } else {

@@ -9,16 +9,14 @@ SCORE_BLOCK(score_wide, kKeys, VECS)
 SCORE_BLOCK(score_one, kKeys, 1)
 SCORE_BLOCK(score_wide_tail, 1, VECS)
 SCORE_BLOCK(score_one_tail, 1, 1)
-PV_BLOCK(pv_wide, 4, VECS)  // 4 queries × VECS vectors
 PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
+PV_BLOCK(pv_two, 8, 2)  // 32-wide panels on avx512 (on avx2, two vectors are VECS)
 #if VECS > 2
 SCORE_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
 SCORE_BLOCK(score_two_tail, 1, 2)
-PV_BLOCK(pv_two, 8, 2)
 #else
 #define score_two score_wide
 #define score_two_tail score_wide_tail
-#define pv_two pv_wide
 #endif
 
 export void flash_tile(const uniform float Qt[], const uniform float K[], uniform int64 ldk,
@@ -102,8 +100,8 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
       const uniform int nv = block_vecs((dp - c) / programCount);
       const uniform float* uniform Pt = St + j * nq;
       const uniform float* uniform Vj = V + j * ldv + c;
-      if (nv == VECS) {  // 4 queries × VECS vectors; narrower panels take 8 queries at a time
-        for (uniform int r = 0; r < nq; r += 4) pv_wide(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      if (nv == VECS) {  // blocks of kWideRows queries; narrower panels take 8 at a time
+        pv_wide_rows(Pt, nq, Vj, ldv, O + c, dp, nq, n);
       } else if (nv == 2) {
         for (uniform int r = 0; r < nq; r += 8) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
       } else {
