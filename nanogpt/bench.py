@@ -214,13 +214,15 @@ def bench_decode(shapes=DECODE_SHAPES, repeat=15, dtype=torch.float32) -> bool:
     """flash's decode path against SDPA on KV-cache steps (causal, bottom-right: every query
     sees the whole cache but the last Nq-1 keys' tail), verified first, then timed interleaved.
     Decode is bound by reading K and V, so it is reported as bandwidth: bytes of K and V per
-    second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum()).
+    second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum()), and
+    the ratio to SDPA that reading them at torch's speed would give: where SDPA itself runs near
+    that speed, no decode kernel can be much faster than SDPA.
     dtype: of q and the cache (bfloat16: half the bytes), and so of SDPA too."""
     print(header())
     if dtype != torch.float32:
         print(f"dtype: {dtype} (q, the cache and SDPA's)")
     rows, ok_all = [], True
-    title = f"{'shape (B H Nq Nk d)':<24}{'flash us':>10}{'sdpa us':>10}{'xSDPA':>8}{'GB/s':>8}{'read GB/s':>11}  load"
+    title = f"{'shape (B H Nq Nk d)':<24}{'flash us':>10}{'sdpa us':>10}{'xSDPA':>8}{'GB/s':>8}{'read GB/s':>11}{'x@read':>8}  load"
     print(title)
     print("-" * len(title))
     for (B, H, Nq, Nk, d) in shapes:
@@ -249,13 +251,13 @@ def bench_decode(shapes=DECODE_SHAPES, repeat=15, dtype=torch.float32) -> bool:
         nbytes = 2 * B * H * Nk * d * cache.element_size()
         row = dict(B=B, H=H, Nq=Nq, Nk=Nk, d=d, flash_us=t["flash"] * 1e6, sdpa_us=t["sdpa"] * 1e6,
                    x_sdpa=t["sdpa"] / t["flash"], gbs=nbytes / t["flash"] / 1e9, read_gbs=nbytes / t["read"] / 1e9,
-                   busy=load.busy)
+                   x_at_read=t["sdpa"] / t["read"], busy=load.busy)
         rows.append(row)
         print(f"{f'B{B} H{H} Nq{Nq} Nk{Nk} d{d}':<24}{row['flash_us']:10.1f}{row['sdpa_us']:10.1f}{row['x_sdpa']:8.2f}"
-              f"{row['gbs']:8.1f}{row['read_gbs']:11.1f}  {'BUSY' if load.busy else 'quiet'}")
+              f"{row['gbs']:8.1f}{row['read_gbs']:11.1f}{row['x_at_read']:8.2f}  {'BUSY' if load.busy else 'quiet'}")
     path = nanogpt.extension().flash_path(1, 0, 0)
     print(f"\nflash served Nq <= 8 by its '{path}' path; GB/s: K and V bytes over flash's time; "
-          "read GB/s: the same bytes over torch's k.sum() + v.sum()")
+          "read GB/s: the same bytes over torch's k.sum() + v.sum(); x@read: xSDPA if flash read them that fast")
     return ok_all
 
 

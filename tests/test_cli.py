@@ -355,7 +355,12 @@ def test_bench_decode_runs(ext, capsys):
 
     assert bench.bench_decode(shapes=[(1, 2, 1, 40, 8), (1, 2, 3, 600, 16)], repeat=1)
     out = capsys.readouterr().out
-    assert "B1 H2 Nq3 Nk600 d16" in out and "'decode' path" in out
+    assert "B1 H2 Nq3 Nk600 d16" in out and "'decode' path" in out and "x@read" in out
+    row = next(line for line in out.splitlines() if line.startswith("B1 H2 Nq3 Nk600 d16")).split()
+    sdpa_us, read_gbs, x_at_read = float(row[6]), float(row[9]), float(row[10])
+    # x@read = SDPA's time over the read's: the read's time is the bytes over read GB/s
+    read_us = 2 * 1 * 2 * 600 * 16 * 4 / (read_gbs * 1e3)
+    assert x_at_read == pytest.approx(sdpa_us / read_us, rel=0.1)
 
 
 def test_bench_in_bf16_runs(ext, capsys):
