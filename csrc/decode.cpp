@@ -34,7 +34,7 @@ constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
 // a[0:NV] += p·v[0:NV·kW] (the last vector's rem elements only, where Tail): one key's row
 template <bool Tail, int NV, class T>
 inline void pv_key(vw (&a)[NV], float p, const T* v, int rem) {
-  const vw pj = vw{} + p;
+  const vw pj = wsplat(p);
 #pragma GCC unroll 8
   for (int i = 0; i < NV - 1; ++i) a[i] += pj * wload(v + i * kW);
   a[NV - 1] += pj * (Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));

@@ -43,7 +43,9 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vsplat(float x) { return vf{} + x; }
+// x in every lane. x - 0 is x for every x, so GCC folds it to one broadcast; x + 0 is not (-0 + 0
+// is +0), and `vf{} + x` kept a scalar add on the FP ports before each broadcast.
+inline vf vsplat(float x) { return x - vf{}; }
 
 inline vw wload(const float* p) {
   vw v;
@@ -51,6 +53,7 @@ inline vw wload(const float* p) {
   return v;
 }
 inline void wstore(float* p, vw v) { std::memcpy(p, &v, sizeof v); }
+inline vw wsplat(float x) { return x - vw{}; }  // as vsplat
 // n < kW floats, the rest zero, without reading past p[n-1] (a masked load: no call, so the
 // accumulators of the loops that use it stay in registers).
 inline vw wload_part(const float* p, int n) {
