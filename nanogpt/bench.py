@@ -216,7 +216,7 @@ def bench_decode(shapes=DECODE_SHAPES, repeat=15, dtype=torch.float32) -> bool:
     Decode is bound by reading K and V, so it is reported as bandwidth: bytes of K and V per
     second, next to torch's own read bandwidth over the same bytes (k.sum() + v.sum()), and
     the ratio to SDPA that reading them at torch's speed would give: where SDPA itself runs near
-    that speed, no decode kernel can be much faster than SDPA.
+    that speed, a kernel that reads no faster than torch's sum cannot be much faster than SDPA.
     dtype: of q and the cache (bfloat16: half the bytes), and so of SDPA too."""
     print(header())
     if dtype != torch.float32:
