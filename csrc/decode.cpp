@@ -1,14 +1,16 @@
 // flash's decode path: a few queries (a KV-cache step: Nq <= kDecodeRows) against many keys.
 // The tile path packs queries into vector lanes, so one query would fill 1 lane of 16; here
 // each query's scores are dot products vectorised over d (native-width vectors, reduced
-// kW keys at a time by a transpose-and-add tree), and P·V is vectorised over d too.
+// kW keys at a time by a transpose-and-add tree; several queries share vectors instead, see
+// dot_rows_group), and P·V is vectorised over d too, each load of V shared by the queries.
 //
 // Keys are split into fixed spans of kSplitKeys: work item (head, span) computes, for each of
 // the head's queries, the span's max m, sum l = Σ 2^(s - m) and unnormalised O = Σ 2^(s - m)·v;
 // the spans are then merged exactly (log-sum-exp). The span length depends on nothing but the
 // constant, so a query's result is the same for any thread count, batch or head count, and any
-// number of queries in the call that takes this path (the tile path, for more queries, rounds
-// differently within float32 error). K and V are read in place, any row stride, as float32 or
+// number of queries from 2 to kDecodeRows in the call; one float32 query alone sums its dot
+// products in another order (dot_rows), as the tile path does for more queries: the same within
+// float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
 // bfloat16 (widened as they are read: a bfloat16 cache is half the bytes, and this path is
 // bound by the memory's speed, so it needs no bfloat16 arithmetic).
 #include "attention.h"
@@ -30,67 +32,230 @@ constexpr int64_t kPvKeys = 64;       // V rows per chunk that every query of a 
 // for its wake-up (1–8 µs measured on a shared 2-core host) from ~2^16 multiply-adds on: a
 // 256-key step of 4 heads at d = 32 already runs on both cores.
 constexpr int64_t kDecodeSerialBelow = int64_t(1) << 16;
+constexpr int64_t kAheadRows = 64;    // rows of K or V requested this far ahead of their use
 
-// a[0:NV] += p·v[0:NV·kW] (the last vector's rem elements only, where Tail): one key's row
-template <bool Tail, int NV, class T>
-inline void pv_key(vw (&a)[NV], float p, const T* v, int rem) {
-  const vw pj = wsplat(p);
+// Asks for rows [r0, r1) of X (stride ld, d elements each) to be brought into the caches.
+template <class T>
+inline void prefetch_rows(const T* X, int64_t ld, int64_t r0, int64_t r1, int d) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t off = 0; off < int64_t(d * sizeof(T)); off += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(X + r * ld) + off);
+}
+
+// Accumulator sets per query in pv_slice: keys alternate between two where the registers hold
+// them (2·NV <= half the vector registers); with one set, few vectors (NV = 2 at d = 32 on
+// AVX-512) left the loop waiting on the FMA's latency.
+constexpr int kHalfRegs = kW == 16 ? 16 : 8;
+template <int NV>
+constexpr int kSets = 2 * NV <= kHalfRegs ? 2 : 1;
+// Queries that share each load of V in pv_slice: as many (a power of two, at most 8) as half the
+// registers hold accumulators for. A query's sums do not depend on its group: each query's FMAs
+// are the same, in the same order, in a group of any size.
+template <int NV>
+constexpr int kGroup = [] {
+  int g = 1;
+  while (g < 8 && 2 * g * kSets<NV> * NV <= kHalfRegs) g *= 2;
+  return g;
+}();
+
+// a[g][0:NV] += p[g][j]·V[j, 0:NV·kW] for key j and the G queries g, V's row loaded once (the
+// last vector's rem elements only, where Tail)
+template <int G, bool Tail, int NV, class T>
+inline void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j, const T* v, int rem) {
+  vw x[NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < NV - 1; ++i) a[i] += pj * wload(v + i * kW);
-  a[NV - 1] += pj * (Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW));
-}
-
-// The key loop of pv_slice, its last vector partial (Tail) or not: decided once, outside the loop
-// (a test per key kept GCC from holding the accumulators in registers across it).
-template <bool Tail, int NV, class T>
-void pv_keys(const float* p, const T* v, int64_t ldv, int64_t n, int rem, vw (&acc0)[NV], vw (&acc1)[NV]) {
-  constexpr int kSets = 2 * NV <= (kW == 16 ? 16 : 8) ? 2 : 1;
-  int64_t j = 0;
-  if constexpr (kSets == 2)
-    for (; j + 2 <= n; j += 2) {
-      pv_key<Tail>(acc0, p[j], v + j * ldv, rem);
-      pv_key<Tail>(acc1, p[j + 1], v + (j + 1) * ldv, rem);
-    }
-  for (; j < n; ++j) pv_key<Tail>(acc0, p[j], v + j * ldv, rem);
-}
-
-// o[0:d] += Σ_{j<n} p[j]·V[j, 0:d], NV vectors of features at a time held in registers; V's
-// elements T are float or c10::BFloat16. Keys alternate between two sets of accumulators where
-// the registers hold them (2·NV <= half the vector registers): with one set, few vectors (NV = 2
-// at d = 32 on AVX-512) left the loop waiting on the FMA's latency.
-template <int NV, class T>
-void pv_slice(const float* p, const T* V, int64_t ldv, int64_t n, int c0, int d, float* o) {
-  vw acc0[NV] = {}, acc1[NV] = {};
-  const int rem = d - (c0 + (NV - 1) * kW);  // the last vector's elements: partial, loaded without over-read
-  if (rem < kW)
-    pv_keys<true>(p, V + c0, ldv, n, rem, acc0, acc1);
-  else
-    pv_keys<false>(p, V + c0, ldv, n, rem, acc0, acc1);
-  for (int i = 0; i < NV; ++i) {
-    const int n_out = std::min(kW, d - (c0 + i * kW));
-    vw sum = acc0[i] + acc1[i];
-    if (n_out == kW)
-      sum += wload(o + c0 + i * kW);
-    else
-      sum += wload_part(o + c0 + i * kW, n_out);
-    std::memcpy(o + c0 + i * kW, &sum, n_out * sizeof(float));
+  for (int i = 0; i < NV - 1; ++i) x[i] = wload(v + i * kW);
+  x[NV - 1] = Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const vw pj = wsplat(p[g][j]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) a[g][i] += pj * x[i];
   }
 }
 
+// Keys [j0, j1) of pv_slice, j0 even: key j goes to set j % 2 (where there are two), whichever
+// call takes it. Tail is decided once, outside the loop (a test per key kept GCC from holding
+// the accumulators in registers across it).
+template <int G, bool Tail, int NV, class T>
+void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv, int64_t j0, int64_t j1, int rem, vw (&acc0)[G][NV],
+             vw (&acc1)[G][NV]) {
+  int64_t j = j0;
+  if constexpr (kSets<NV> == 2)
+    for (; j + 2 <= j1; j += 2) {
+      pv_key<G, Tail>(acc0, p, j, v + j * ldv, rem);
+      pv_key<G, Tail>(acc1, p, j + 1, v + (j + 1) * ldv, rem);
+    }
+  for (; j < j1; ++j) pv_key<G, Tail>(acc0, p, j, v + j * ldv, rem);
+}
+
+// o[g][c0:c0 + NV·kW) += Σ_{j<n[g]} p[g][j]·V[j, c0:c0 + NV·kW) (clipped to d) for G queries,
+// NV vectors of features each held in registers; V's elements T are float or c10::BFloat16.
+// The group takes the keys all its queries see, each query then its own rest.
+template <int G, int NV, class T>
+void pv_slice(const float* const (&p)[G], const int64_t (&n)[G], const T* V, int64_t ldv, int c0, int d,
+              float* const (&o)[G]) {
+  vw acc0[G][NV] = {}, acc1[G][NV] = {};
+  const int rem = d - (c0 + (NV - 1) * kW);  // the last vector's elements: partial, loaded without over-read
+  int64_t shared = n[0];
+  for (int g = 1; g < G; ++g) shared = std::min(shared, n[g]);
+  shared &= ~int64_t(1);  // even: each query's rest starts on set 0, as a call of its own would
+  const auto keys = [&](auto tail) {
+    constexpr bool Tail = decltype(tail)::value;
+    pv_keys<G, Tail>(p, V + c0, ldv, 0, shared, rem, acc0, acc1);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {  // one query at a time: its accumulators, as a group of one
+      const float* const pg[1] = {p[g]};
+      vw(&a0)[1][NV] = reinterpret_cast<vw(&)[1][NV]>(acc0[g]);
+      vw(&a1)[1][NV] = reinterpret_cast<vw(&)[1][NV]>(acc1[g]);
+      pv_keys<1, Tail>(pg, V + c0, ldv, shared, n[g], rem, a0, a1);
+    }
+  };
+  rem < kW ? keys(std::true_type{}) : keys(std::false_type{});
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NV; ++i) {
+      const int n_out = std::min(kW, d - (c0 + i * kW));
+      vw sum = acc0[g][i] + acc1[g][i];
+      if (n_out == kW)
+        sum += wload(o[g] + c0 + i * kW);
+      else
+        sum += wload_part(o[g] + c0 + i * kW, n_out);
+      std::memcpy(o[g] + c0 + i * kW, &sum, n_out * sizeof(float));
+    }
+}
+
+// o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries g, in groups of kGroup<NV> (powers of
+// two) that share each load of V.
+template <int NV, class T>
+void pv_groups(const float* const* p, const int64_t* n, int64_t ng, const T* V, int64_t ldv, int c0, int d, float* const* o) {
+  int64_t g0 = 0;
+  const auto take = [&](auto size) {  // queries [g0, g0 + G)
+    constexpr int G = decltype(size)::value;
+    const float* pg[G];
+    int64_t ngr[G];
+    float* og[G];
+    for (int g = 0; g < G; ++g) pg[g] = p[g0 + g], ngr[g] = n[g0 + g], og[g] = o[g0 + g];
+    pv_slice<G, NV>(pg, ngr, V, ldv, c0, d, og);
+    g0 += G;
+  };
+  using std::integral_constant;
+  while (g0 < ng) {
+    const int64_t left = ng - g0;
+    if constexpr (kGroup<NV> >= 8) {
+      if (left >= 8) { take(integral_constant<int, 8>{}); continue; }
+    }
+    if constexpr (kGroup<NV> >= 4) {
+      if (left >= 4) { take(integral_constant<int, 4>{}); continue; }
+    }
+    if constexpr (kGroup<NV> >= 2) {
+      if (left >= 2) { take(integral_constant<int, 2>{}); continue; }
+    }
+    take(integral_constant<int, 1>{});
+  }
+}
+
+// o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries: slices of up to 8 feature vectors
+// (8 accumulators, 2 × 8 with AVX-512's 32 registers, plus operands)
 template <class T>
-void pv(const float* p, const T* V, int64_t ldv, int64_t n, int d, float* o) {
-  constexpr int kMaxNV = 8;  // 8 accumulators (2 × 8 with AVX-512's 32 registers) + operands
+void pv(const float* const* p, const int64_t* n, int64_t ng, const T* V, int64_t ldv, int d, float* const* o) {
+  constexpr int kMaxNV = 8;
   for (int c0 = 0; c0 < d; c0 += kMaxNV * kW) {
     switch (std::min<int>(kMaxNV, (d - c0 + kW - 1) / kW)) {
-      case 1: pv_slice<1, T>(p, V, ldv, n, c0, d, o); break;
-      case 2: pv_slice<2, T>(p, V, ldv, n, c0, d, o); break;
-      case 3: pv_slice<3, T>(p, V, ldv, n, c0, d, o); break;
-      case 4: pv_slice<4, T>(p, V, ldv, n, c0, d, o); break;
-      case 5: pv_slice<5, T>(p, V, ldv, n, c0, d, o); break;
-      case 6: pv_slice<6, T>(p, V, ldv, n, c0, d, o); break;
-      case 7: pv_slice<7, T>(p, V, ldv, n, c0, d, o); break;
-      default: pv_slice<8, T>(p, V, ldv, n, c0, d, o); break;
+      case 1: pv_groups<1, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 2: pv_groups<2, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 3: pv_groups<3, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 4: pv_groups<4, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 5: pv_groups<5, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 6: pv_groups<6, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 7: pv_groups<7, T>(p, n, ng, V, ldv, c0, d, o); break;
+      default: pv_groups<8, T>(p, n, ng, V, ldv, c0, d, o); break;
     }
+  }
+}
+
+// The scores of several queries at once. One query's dot products against keys are reduced kW
+// keys at a time by a transpose-and-add tree (dot_rows): log2(kW) levels of shuffles per key and
+// query. Here a group of kQG queries shares each vector instead: lanes [4g + t] hold query g's
+// partial sum over the features c ≡ t (mod 4), each key's four features at a time broadcast to
+// every 128-bit lane (a load, no shuffle), so two in-lane levels finish four keys of every query
+// of the group. Each key's sum is the same wherever the key falls in a call: features in order,
+// then (t0 + t1) + (t2 + t3); and query g's sums use only its own lanes, whatever shares them.
+constexpr int kQG = kW / 4;  // queries per group: 4 with AVX-512, 2 with AVX2
+constexpr int kMaxGroups = (kDecodeRows + kQG - 1) / kQG;
+
+inline vw bcast4(const float* p) {  // p[0:4] in every 128-bit lane
+#ifdef __AVX512F__
+  return (vw)_mm512_broadcast_f32x4(_mm_loadu_ps(p));
+#else
+  return (vw)_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+#endif
+}
+inline vw bcast4_part(const float* p, int n) {  // p[0:n], n < 4, the rest zero, in every 128-bit lane
+#ifdef __AVX512F__
+  return (vw)_mm512_broadcast_f32x4(_mm_maskz_loadu_ps(__mmask8((1u << n) - 1), p));
+#else
+  const __m128 x = _mm_maskload_ps(p, _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(x), x, 1);
+#endif
+}
+// per 128-bit lane: [x0 + x1, x2 + x3, y0 + y1, y2 + y3]
+inline vw pair_sums(vw x, vw y) {
+#ifdef __AVX512F__
+  return __builtin_shufflevector(x, y, 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +
+         __builtin_shufflevector(x, y, 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
+#else
+  return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+#endif
+}
+// s[g][j0 + 0:4] = 128-bit lane g of v (four keys' scores of query g)
+inline void store_lanes(vw v, float* const* s, int64_t j0) {
+#ifdef __AVX512F__
+  _mm_storeu_ps(s[0] + j0, _mm512_castps512_ps128((__m512)v));
+  _mm_storeu_ps(s[1] + j0, _mm512_extractf32x4_ps((__m512)v, 1));
+  _mm_storeu_ps(s[2] + j0, _mm512_extractf32x4_ps((__m512)v, 2));
+  _mm_storeu_ps(s[3] + j0, _mm512_extractf32x4_ps((__m512)v, 3));
+#else
+  _mm_storeu_ps(s[0] + j0, _mm256_castps256_ps128((__m256)v));
+  _mm_storeu_ps(s[1] + j0, _mm256_extractf128_ps((__m256)v, 1));
+#endif
+}
+
+// s[g][j] = Σ_c q_g[c]·K[j, c] for j < n and the group's queries g < kQG; X[m] (m < ceil(d / 4))
+// (kW floats each) holds lanes [4g + t] = q_g[4m + t], zero past d (and for a group's missing queries).
+inline void dot_rows_group(const float* X, const float* K, int64_t ldk, int d, float* const* s, int64_t n) {
+  const int full = d / 4, rem = d % 4;  // whole four-feature chunks; the last one's features
+  // acc[r] for the R keys from j: R chains, features in order
+  const auto keys = [&](auto count, int64_t j, vw* acc) {
+    constexpr int R = decltype(count)::value;
+    const float* k = K + j * ldk;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = vw{};
+    for (int m = 0; m < full; ++m) {
+      const vw x = wload(X + m * kW);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += x * bcast4(k + r * ldk + 4 * m);
+    }
+    if (rem) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] += wload(X + full * kW) * bcast4_part(k + r * ldk + 4 * full, rem);
+    }
+  };
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // eight chains keep both FMA ports busy
+    vw a[8];
+    keys(std::integral_constant<int, 8>{}, j, a);
+    store_lanes(pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3])), s, j);
+    store_lanes(pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7])), s, j + 4);
+  }
+  for (; j + 4 <= n; j += 4) {
+    vw a[4];
+    keys(std::integral_constant<int, 4>{}, j, a);
+    store_lanes(pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3])), s, j);
+  }
+  for (; j < n; ++j) {  // the same sums, one key at a time
+    vw a[1];
+    keys(std::integral_constant<int, 1>{}, j, a);
+    for (int g = 0; g < kQG; ++g) s[g][j] = (a[0][4 * g] + a[0][4 * g + 1]) + (a[0][4 * g + 2] + a[0][4 * g + 3]);
   }
 }
 
@@ -117,7 +282,8 @@ void decode(const Problem& p) {
     // This thread's padded queries and scores: kept across calls (an allocation per call
     // costs as much as a short step's keys).
     static thread_local std::vector<float> scratch;
-    scratch.resize(std::max<size_t>(scratch.size(), nq * (dq + kSplitKeys)));
+    // (and, for query groups, a spare row of scores and the groups' interleaved queries)
+    scratch.resize(std::max<size_t>(scratch.size(), nq * (dq + kSplitKeys) + kSplitKeys + kMaxGroups * ((d + 3) / 4) * kW));
     float* qpad = scratch.data();
     float* scores = qpad + nq * dq;  // query i's: scores + i·kSplitKeys
     int64_t n[kDecodeRows], n_max = 0;  // keys [j0, j0 + n[i]) visible to query i
@@ -132,11 +298,56 @@ void decode(const Problem& p) {
     }
     // The queries share each read of K and V: a block of kW keys (a chunk of kPvKeys for V)
     // stays in L1 while every query takes it, so the span comes from memory once, not nq times.
-    // The blocks depend on nothing but j0, so each query's sums are the same in any company.
+    // The blocks depend on nothing but j0, and no query's sums on the others' (see
+    // dot_rows_group and pv_slice), so a query's result is the same in any company of two or more.
     const T* K = p.k.row<T>(b, h, j0);
-    for (int64_t jb = 0; jb < n_max; jb += kW)
-      for (int64_t i = 0; i < nq; ++i)
-        if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
+    const T* V = p.v.row<T>(b, h, j0);
+    // The span streams K's rows, then V's: each step asks for the rows kAheadRows further along
+    // that stream, so memory is read while the queries compute (the hardware's prefetchers ran
+    // too short a distance ahead of a step that several queries take in turn).
+    const auto ahead = [&](int64_t at, int64_t rows) {
+      const int64_t a0 = at + kAheadRows, a1 = a0 + rows;
+      prefetch_rows(K, p.k.sn, std::min(a0, n_max), std::min(a1, n_max), d);
+      prefetch_rows(V, p.v.sn, std::max<int64_t>(a0 - n_max, 0), std::clamp<int64_t>(a1 - n_max, 0, n_max), d);
+    };
+    // Several float32 queries take their scores in groups (dot_rows_group); one query, or a
+    // bfloat16 cache, by dot_rows. A group's shuffles are fewer per query, but for one query it
+    // wastes three quarters of its FMAs: measured slower at d >= 64.
+    bool grouped = false;
+    if constexpr (std::is_same_v<T, float>)
+      if (nq > 1) {
+        grouped = true;
+        // groups of kQG queries, the last one padded with zero queries whose scores go to `spare`
+        const int d4 = (d + 3) / 4;
+        const int64_t groups = (nq + kQG - 1) / kQG;
+        float* spare = scores + nq * kSplitKeys;
+        float* X = spare + kSplitKeys;  // groups × d4 vectors of kW floats (dot_rows_group's X)
+        float* s_of[kMaxGroups][kQG];   // each query's scores, or spare
+        int64_t n_of[kMaxGroups] = {};  // the keys any of a group's queries sees
+        for (int64_t gi = 0; gi < groups; ++gi)
+          for (int g = 0; g < kQG; ++g) {
+            const int64_t i = gi * kQG + g;
+            s_of[gi][g] = i < nq ? scores + i * kSplitKeys : spare;
+            if (i < nq) n_of[gi] = std::max(n_of[gi], n[i]);
+            for (int m = 0; m < d4; ++m)
+              for (int t = 0; t < 4; ++t) X[(gi * d4 + m) * kW + 4 * g + t] = i < nq ? qpad[i * dq + 4 * m + t] : 0.f;
+          }
+        for (int64_t jb = 0; jb < n_max; jb += kW) {
+          ahead(jb, kW);
+          for (int64_t gi = 0; gi < groups; ++gi) {
+            if (jb >= n_of[gi]) continue;
+            float* s_at[kQG];
+            for (int g = 0; g < kQG; ++g) s_at[g] = s_of[gi][g] + jb;
+            dot_rows_group(X + gi * d4 * kW, K + jb * p.k.sn, p.k.sn, d, s_at, std::min<int64_t>(kW, n_of[gi] - jb));
+          }
+        }
+      }
+    if (!grouped)
+      for (int64_t jb = 0; jb < n_max; jb += kW) {
+        ahead(jb, kW);
+        for (int64_t i = 0; i < nq; ++i)
+          if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
+      }
     bool any = false;  // some query saw a key here
     for (int64_t i = 0; i < nq; ++i) {
       float* out = part_of(i);
@@ -146,13 +357,19 @@ void decode(const Problem& p) {
       std::fill(out + 2, out + 2 + d, 0.f);
       any |= l != 0.f;
     }
-    const T* V = p.v.row<T>(b, h, j0);
-    for (int64_t jc = 0; any && jc < n_max; jc += kPvKeys)
+    for (int64_t jc = 0; any && jc < n_max; jc += kPvKeys) {
+      ahead(n_max + jc, kPvKeys);
+      // the queries that see keys of this chunk: their probabilities, key counts and outputs
+      const float* ps[kDecodeRows];
+      int64_t ns[kDecodeRows], ng = 0;
+      float* os[kDecodeRows];
       for (int64_t i = 0; i < nq; ++i) {
         float* out = part_of(i);
         if (jc < n[i] && out[1] != 0.f)
-          pv(scores + i * kSplitKeys + jc, V + jc * p.v.sn, p.v.sn, std::min(kPvKeys, n[i] - jc), d, out + 2);
+          ps[ng] = scores + i * kSplitKeys + jc, ns[ng] = std::min(kPvKeys, n[i] - jc), os[ng++] = out + 2;
       }
+      pv(ps, ns, ng, V + jc * p.v.sn, p.v.sn, d, os);
+    }
   }, kDecodeSerialBelow);
 
   // Merge the spans of each (head, query): O = Σ 2^(m_s - m)·O_s / Σ 2^(m_s - m)·l_s.
