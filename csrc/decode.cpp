@@ -61,7 +61,7 @@ constexpr int kGroup = [] {
 // a[g][0:NV] += p[g][j]·V[j, 0:NV·kW] for key j and the G queries g, V's row loaded once (the
 // last vector's rem elements only, where Tail)
 template <int G, bool Tail, int NV, class T>
-inline void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j, const T* v, int rem) {
+NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j, const T* v, int rem) {
   vw x[NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NV - 1; ++i) x[i] = wload(v + i * kW);
@@ -76,9 +76,10 @@ inline void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j, const 
 
 // Keys [j0, j1) of pv_slice, j0 even: key j goes to set j % 2 (where there are two), whichever
 // call takes it. Tail is decided once, outside the loop (a test per key kept GCC from holding
-// the accumulators in registers across it).
+// the accumulators in registers across it). Inlined always: called out of line (as GCC chose
+// for a group's second call site), the accumulators were loaded and stored at every key.
 template <int G, bool Tail, int NV, class T>
-void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv, int64_t j0, int64_t j1, int rem, vw (&acc0)[G][NV],
+NANOGPT_INLINE void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv, int64_t j0, int64_t j1, int rem, vw (&acc0)[G][NV],
              vw (&acc1)[G][NV]) {
   int64_t j = j0;
   if constexpr (kSets<NV> == 2)
@@ -89,9 +90,27 @@ void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv, int64_t j0, in
   for (; j < j1; ++j) pv_key<G, Tail>(acc0, p, j, v + j * ldv, rem);
 }
 
+// The keys of pv_slice: those all G queries see, together, then each query's own rest (from an
+// even key, so on the sets a call of its own would use). A function, not a lambda, and inlined:
+// GCC left a lambda out of line, its accumulators loaded and stored at every key.
+template <int G, bool Tail, int NV, class T>
+NANOGPT_INLINE void pv_group_keys(const float* const (&p)[G], const int64_t (&n)[G], int64_t shared, const T* v, int64_t ldv,
+                                  int rem, vw (&acc0)[G][NV], vw (&acc1)[G][NV]) {
+  pv_keys<G, Tail>(p, v, ldv, 0, shared, rem, acc0, acc1);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const float* const pg[1] = {p[g]};
+    vw a0[1][NV], a1[1][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) a0[0][i] = acc0[g][i], a1[0][i] = acc1[g][i];
+    pv_keys<1, Tail>(pg, v, ldv, shared, n[g], rem, a0, a1);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc0[g][i] = a0[0][i], acc1[g][i] = a1[0][i];
+  }
+}
+
 // o[g][c0:c0 + NV·kW) += Σ_{j<n[g]} p[g][j]·V[j, c0:c0 + NV·kW) (clipped to d) for G queries,
 // NV vectors of features each held in registers; V's elements T are float or c10::BFloat16.
-// The group takes the keys all its queries see, each query then its own rest.
 template <int G, int NV, class T>
 void pv_slice(const float* const (&p)[G], const int64_t (&n)[G], const T* V, int64_t ldv, int c0, int d,
               float* const (&o)[G]) {
@@ -100,18 +119,10 @@ void pv_slice(const float* const (&p)[G], const int64_t (&n)[G], const T* V, int
   int64_t shared = n[0];
   for (int g = 1; g < G; ++g) shared = std::min(shared, n[g]);
   shared &= ~int64_t(1);  // even: each query's rest starts on set 0, as a call of its own would
-  const auto keys = [&](auto tail) {
-    constexpr bool Tail = decltype(tail)::value;
-    pv_keys<G, Tail>(p, V + c0, ldv, 0, shared, rem, acc0, acc1);
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) {  // one query at a time: its accumulators, as a group of one
-      const float* const pg[1] = {p[g]};
-      vw(&a0)[1][NV] = reinterpret_cast<vw(&)[1][NV]>(acc0[g]);
-      vw(&a1)[1][NV] = reinterpret_cast<vw(&)[1][NV]>(acc1[g]);
-      pv_keys<1, Tail>(pg, V + c0, ldv, shared, n[g], rem, a0, a1);
-    }
-  };
-  rem < kW ? keys(std::true_type{}) : keys(std::false_type{});
+  if (rem < kW)
+    pv_group_keys<G, true>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
+  else
+    pv_group_keys<G, false>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < NV; ++i) {
       const int n_out = std::min(kW, d - (c0 + i * kW));
@@ -220,41 +231,42 @@ inline void store_lanes(vw v, float* const* s, int64_t j0) {
 #endif
 }
 
+// acc[r] = the R keys' sums from row K, stride ldk, for dot_rows_group: R chains, features in order
+template <int R>
+NANOGPT_INLINE void group_keys(const float* X, const float* K, int64_t ldk, int full, int rem, vw (&acc)[R]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = vw{};
+  for (int m = 0; m < full; ++m) {
+    const vw x = wload(X + m * kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] += x * bcast4(K + r * ldk + 4 * m);
+  }
+  if (rem) {
+    const vw x = wload(X + full * kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] += x * bcast4_part(K + r * ldk + 4 * full, rem);
+  }
+}
+
 // s[g][j] = Σ_c q_g[c]·K[j, c] for j < n and the group's queries g < kQG; X[m] (m < ceil(d / 4))
 // (kW floats each) holds lanes [4g + t] = q_g[4m + t], zero past d (and for a group's missing queries).
 inline void dot_rows_group(const float* X, const float* K, int64_t ldk, int d, float* const* s, int64_t n) {
   const int full = d / 4, rem = d % 4;  // whole four-feature chunks; the last one's features
-  // acc[r] for the R keys from j: R chains, features in order
-  const auto keys = [&](auto count, int64_t j, vw* acc) {
-    constexpr int R = decltype(count)::value;
-    const float* k = K + j * ldk;
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r] = vw{};
-    for (int m = 0; m < full; ++m) {
-      const vw x = wload(X + m * kW);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] += x * bcast4(k + r * ldk + 4 * m);
-    }
-    if (rem) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[r] += wload(X + full * kW) * bcast4_part(k + r * ldk + 4 * full, rem);
-    }
-  };
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {  // eight chains keep both FMA ports busy
     vw a[8];
-    keys(std::integral_constant<int, 8>{}, j, a);
+    group_keys(X, K + j * ldk, ldk, full, rem, a);
     store_lanes(pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3])), s, j);
     store_lanes(pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7])), s, j + 4);
   }
   for (; j + 4 <= n; j += 4) {
     vw a[4];
-    keys(std::integral_constant<int, 4>{}, j, a);
+    group_keys(X, K + j * ldk, ldk, full, rem, a);
     store_lanes(pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3])), s, j);
   }
   for (; j < n; ++j) {  // the same sums, one key at a time
     vw a[1];
-    keys(std::integral_constant<int, 1>{}, j, a);
+    group_keys(X, K + j * ldk, ldk, full, rem, a);
     for (int g = 0; g < kQG; ++g) s[g][j] = (a[0][4 * g] + a[0][4 * g + 1]) + (a[0][4 * g + 2] + a[0][4 * g + 3]);
   }
 }

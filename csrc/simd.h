@@ -32,6 +32,10 @@ constexpr int kW = 8;
 typedef vf8 vw;
 #endif
 
+// For small vector helpers whose operands must stay in registers: GCC's inliner declines some
+// (a function with a loop, or called from two places), and then passes accumulators through memory.
+#define NANOGPT_INLINE __attribute__((always_inline)) inline
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -10,8 +10,9 @@
 namespace nanogpt {
 
 // out[i] = Σ lanes of a[i] for the kW vectors a[0..kW): a transpose-and-add tree, log2(kW)
-// levels of pairwise shuffles instead of kW separate horizontal sums.
-inline vw lane_sums(vw* a) {
+// levels of pairwise shuffles instead of kW separate horizontal sums. Inlined always: GCC
+// called it out of line from dot_rows, its kW accumulators passing through memory.
+NANOGPT_INLINE vw lane_sums(vw* a) {
 #if defined(__AVX512F__)
   for (int i = 0; i < 8; ++i) {  // 16 vectors → 8: lane pairs
     const vw x = a[2 * i], y = a[2 * i + 1];
