@@ -61,7 +61,7 @@ constexpr int kGroup = [] {
 // a[g][0:NV] += p[g][j]·V[j, 0:NV·kW] for key j and the G queries g, V's row loaded once (the
 // last vector's rem elements only, where Tail)
 template <int G, bool Tail, int NV, class T>
-NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j, const T* v, int rem) {
+NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const* p, int64_t j, const T* v, int rem) {
   vw x[NV];
 #pragma GCC unroll 8
   for (int i = 0; i < NV - 1; ++i) x[i] = wload(v + i * kW);
@@ -76,10 +76,11 @@ NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const (&p)[G], int64_t j
 
 // Keys [j0, j1) of pv_slice, j0 even: key j goes to set j % 2 (where there are two), whichever
 // call takes it. Tail is decided once, outside the loop (a test per key kept GCC from holding
-// the accumulators in registers across it). Inlined always: called out of line (as GCC chose
-// for a group's second call site), the accumulators were loaded and stored at every key.
+// the accumulators in registers across it). Inlined always, as the functions below: left out of
+// line (GCC did so for a group's second call site), the accumulators were loaded and stored at
+// every key.
 template <int G, bool Tail, int NV, class T>
-NANOGPT_INLINE void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv, int64_t j0, int64_t j1, int rem,
+NANOGPT_INLINE void pv_keys(const float* const* p, const T* v, int64_t ldv, int64_t j0, int64_t j1, int rem,
                             vw (&acc0)[G][NV], vw (&acc1)[G][NV]) {
   int64_t j = j0;
   if constexpr (kSets<NV> == 2)
@@ -91,19 +92,17 @@ NANOGPT_INLINE void pv_keys(const float* const (&p)[G], const T* v, int64_t ldv,
 }
 
 // The keys of pv_slice: those all G queries see, together, then each query's own rest (from an
-// even key, so on the sets a call of its own would use). A function, not a lambda, and inlined:
-// GCC left a lambda out of line, its accumulators loaded and stored at every key.
+// even key, so on the sets a call of its own would use).
 template <int G, bool Tail, int NV, class T>
-NANOGPT_INLINE void pv_group_keys(const float* const (&p)[G], const int64_t (&n)[G], int64_t shared, const T* v, int64_t ldv,
+NANOGPT_INLINE void pv_group_keys(const float* const* p, const int64_t* n, int64_t shared, const T* v, int64_t ldv,
                                   int rem, vw (&acc0)[G][NV], vw (&acc1)[G][NV]) {
   pv_keys<G, Tail>(p, v, ldv, 0, shared, rem, acc0, acc1);
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g) {
-    const float* const pg[1] = {p[g]};
     vw a0[1][NV], a1[1][NV];
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) a0[0][i] = acc0[g][i], a1[0][i] = acc1[g][i];
-    pv_keys<1, Tail>(pg, v, ldv, shared, n[g], rem, a0, a1);
+    pv_keys<1, Tail>(p + g, v, ldv, shared, n[g], rem, a0, a1);
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc0[g][i] = a0[0][i], acc1[g][i] = a1[0][i];
   }
@@ -112,8 +111,7 @@ NANOGPT_INLINE void pv_group_keys(const float* const (&p)[G], const int64_t (&n)
 // o[g][c0:c0 + NV·kW) += Σ_{j<n[g]} p[g][j]·V[j, c0:c0 + NV·kW) (clipped to d) for G queries,
 // NV vectors of features each held in registers; V's elements T are float or c10::BFloat16.
 template <int G, int NV, class T>
-void pv_slice(const float* const (&p)[G], const int64_t (&n)[G], const T* V, int64_t ldv, int c0, int d,
-              float* const (&o)[G]) {
+void pv_slice(const float* const* p, const int64_t* n, const T* V, int64_t ldv, int c0, int d, float* const* o) {
   vw acc0[G][NV] = {}, acc1[G][NV] = {};
   const int rem = d - (c0 + (NV - 1) * kW);  // the last vector's elements: partial, loaded without over-read
   int64_t shared = n[0];
@@ -135,34 +133,13 @@ void pv_slice(const float* const (&p)[G], const int64_t (&n)[G], const T* V, int
     }
 }
 
-// o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries g, in groups of kGroup<NV> (powers of
-// two) that share each load of V.
-template <int NV, class T>
+// o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries g: groups of G while ng allows, then
+// of G/2, ... (called with G = kGroup<NV>, so 7 queries go as 4 + 2 + 1 where 8 fit).
+template <int G, int NV, class T>
 void pv_groups(const float* const* p, const int64_t* n, int64_t ng, const T* V, int64_t ldv, int c0, int d, float* const* o) {
-  int64_t g0 = 0;
-  const auto take = [&](auto size) {  // queries [g0, g0 + G)
-    constexpr int G = decltype(size)::value;
-    const float* pg[G];
-    int64_t ngr[G];
-    float* og[G];
-    for (int g = 0; g < G; ++g) pg[g] = p[g0 + g], ngr[g] = n[g0 + g], og[g] = o[g0 + g];
-    pv_slice<G, NV>(pg, ngr, V, ldv, c0, d, og);
-    g0 += G;
-  };
-  using std::integral_constant;
-  while (g0 < ng) {
-    const int64_t left = ng - g0;
-    if constexpr (kGroup<NV> >= 8) {
-      if (left >= 8) { take(integral_constant<int, 8>{}); continue; }
-    }
-    if constexpr (kGroup<NV> >= 4) {
-      if (left >= 4) { take(integral_constant<int, 4>{}); continue; }
-    }
-    if constexpr (kGroup<NV> >= 2) {
-      if (left >= 2) { take(integral_constant<int, 2>{}); continue; }
-    }
-    take(integral_constant<int, 1>{});
-  }
+  for (; ng >= G; ng -= G, p += G, n += G, o += G) pv_slice<G, NV>(p, n, V, ldv, c0, d, o);
+  if constexpr (G > 1)
+    if (ng) pv_groups<G / 2, NV>(p, n, ng, V, ldv, c0, d, o);
 }
 
 // o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries: slices of up to 8 feature vectors
@@ -172,14 +149,14 @@ void pv(const float* const* p, const int64_t* n, int64_t ng, const T* V, int64_t
   constexpr int kMaxNV = 8;
   for (int c0 = 0; c0 < d; c0 += kMaxNV * kW) {
     switch (std::min<int>(kMaxNV, (d - c0 + kW - 1) / kW)) {
-      case 1: pv_groups<1, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 2: pv_groups<2, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 3: pv_groups<3, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 4: pv_groups<4, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 5: pv_groups<5, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 6: pv_groups<6, T>(p, n, ng, V, ldv, c0, d, o); break;
-      case 7: pv_groups<7, T>(p, n, ng, V, ldv, c0, d, o); break;
-      default: pv_groups<8, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 1: pv_groups<kGroup<1>, 1, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 2: pv_groups<kGroup<2>, 2, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 3: pv_groups<kGroup<3>, 3, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 4: pv_groups<kGroup<4>, 4, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 5: pv_groups<kGroup<5>, 5, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 6: pv_groups<kGroup<6>, 6, T>(p, n, ng, V, ldv, c0, d, o); break;
+      case 7: pv_groups<kGroup<7>, 7, T>(p, n, ng, V, ldv, c0, d, o); break;
+      default: pv_groups<kGroup<8>, 8, T>(p, n, ng, V, ldv, c0, d, o); break;
     }
   }
 }
@@ -271,6 +248,18 @@ inline void dot_rows_group(const float* X, const float* K, int64_t ldk, int d, f
   }
 }
 
+// X for dot_rows_group, kQG queries at a time: X[(group·d4 + m)·kW + 4g + t] = query
+// (group·kQG + g)'s feature 4m + t from q (nq rows of stride dq, zero past d), zero for a last
+// group's missing queries.
+inline void interleave_queries(const float* q, int64_t dq, int64_t nq, int d4, float* X) {
+  for (int64_t gi = 0; gi < (nq + kQG - 1) / kQG; ++gi)
+    for (int g = 0; g < kQG; ++g) {
+      const int64_t i = gi * kQG + g;
+      for (int m = 0; m < d4; ++m)
+        for (int t = 0; t < 4; ++t) X[(gi * d4 + m) * kW + 4 * g + t] = i < nq ? q[i * dq + 4 * m + t] : 0.f;
+    }
+}
+
 }  // namespace
 
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc) {
@@ -322,44 +311,32 @@ void decode(const Problem& p) {
       prefetch_rows(K, p.k.sn, std::min(a0, n_max), std::min(a1, n_max), d);
       prefetch_rows(V, p.v.sn, std::max<int64_t>(a0 - n_max, 0), std::clamp<int64_t>(a1 - n_max, 0, n_max), d);
     };
-    // Several float32 queries take their scores in groups (dot_rows_group); one query, or a
-    // bfloat16 cache, by dot_rows. A group's shuffles are fewer per query, but for one query it
-    // wastes three quarters of its FMAs: measured slower at d >= 64.
-    bool grouped = false;
-    if constexpr (std::is_same_v<T, float>)
-      if (nq > 1) {
-        grouped = true;
-        // groups of kQG queries, the last one padded with zero queries whose scores go to `spare`
-        const int d4 = (d + 3) / 4;
-        const int64_t groups = (nq + kQG - 1) / kQG;
-        float* spare = scores + nq * kSplitKeys;
-        float* X = spare + kSplitKeys;  // groups × d4 vectors of kW floats (dot_rows_group's X)
-        float* s_of[kMaxGroups][kQG];   // each query's scores, or spare
-        int64_t n_of[kMaxGroups] = {};  // the keys any of a group's queries sees
-        for (int64_t gi = 0; gi < groups; ++gi)
-          for (int g = 0; g < kQG; ++g) {
-            const int64_t i = gi * kQG + g;
-            s_of[gi][g] = i < nq ? scores + i * kSplitKeys : spare;
-            if (i < nq) n_of[gi] = std::max(n_of[gi], n[i]);
-            for (int m = 0; m < d4; ++m)
-              for (int t = 0; t < 4; ++t) X[(gi * d4 + m) * kW + 4 * g + t] = i < nq ? qpad[i * dq + 4 * m + t] : 0.f;
-          }
-        for (int64_t jb = 0; jb < n_max; jb += kW) {
-          ahead(jb, kW);
-          for (int64_t gi = 0; gi < groups; ++gi) {
-            if (jb >= n_of[gi]) continue;
-            float* s_at[kQG];
-            for (int g = 0; g < kQG; ++g) s_at[g] = s_of[gi][g] + jb;
-            dot_rows_group(X + gi * d4 * kW, K + jb * p.k.sn, p.k.sn, d, s_at, std::min<int64_t>(kW, n_of[gi] - jb));
-          }
+    // Several float32 queries take their scores in groups of kQG (dot_rows_group, the last group
+    // padded with zero queries whose scores go to `spare`); one query, or a bfloat16 cache, by
+    // dot_rows. A group's shuffles are fewer per query, but for one query it wastes three
+    // quarters of its FMAs: measured slower at d >= 64.
+    constexpr bool kFloat = std::is_same_v<T, float>;
+    const int64_t groups = kFloat && nq > 1 ? (nq + kQG - 1) / kQG : 0;
+    const int d4 = (d + 3) / 4;
+    float* spare = scores + nq * kSplitKeys;
+    float* X = spare + kSplitKeys;  // groups × d4 vectors of kW floats: dot_rows_group's X
+    if (groups) interleave_queries(qpad, dq, nq, d4, X);
+    for (int64_t jb = 0; jb < n_max; jb += kW) {
+      ahead(jb, kW);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        float* s_at[kQG];  // the group's scores from key jb on
+        int64_t seen = 0;  // the keys any of the group's queries sees
+        for (int g = 0; g < kQG; ++g) {
+          const int64_t i = gi * kQG + g;
+          s_at[g] = (i < nq ? scores + i * kSplitKeys : spare) + jb;
+          if (i < nq) seen = std::max(seen, n[i]);
         }
+        if constexpr (kFloat)
+          if (jb < seen) dot_rows_group(X + gi * d4 * kW, K + jb * p.k.sn, p.k.sn, d, s_at, std::min<int64_t>(kW, seen - jb));
       }
-    if (!grouped)
-      for (int64_t jb = 0; jb < n_max; jb += kW) {
-        ahead(jb, kW);
-        for (int64_t i = 0; i < nq; ++i)
-          if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
-      }
+      for (int64_t i = 0; !groups && i < nq; ++i)
+        if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
+    }
     bool any = false;  // some query saw a key here
     for (int64_t i = 0; i < nq; ++i) {
       float* out = part_of(i);
