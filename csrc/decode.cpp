@@ -377,7 +377,6 @@ void decode(const Problem& p) {
       else
         o = acc.data();
       std::fill(o, o + d, 0.f);
-      if (p.lse) p.lse[bh * nq + i] = kNegInf;  // for the backward; set below when keys were seen
       if (m == kNegInf) {  // saw no key: a zero row, as SDPA gives
         std::fill(out, out + d, T(0.f));
         continue;
@@ -392,11 +391,11 @@ void decode(const Problem& p) {
       }
       normalise_row(o, o, l, d);
       if constexpr (!std::is_same_v<T, float>) std::copy(o, o + d, out);  // rounds to nearest even
-      if (p.lse) p.lse[bh * nq + i] = lse_from(m, l);  // log Σ_j e^(s_ij)
     }
   });
 }
 
+// Inference only: a forward that keeps the LSE for a backward takes the tiles (attention.h's flash_path).
 void flash_decode(const Problem& p) { p.bf16 ? decode<c10::BFloat16>(p) : decode<float>(p); }
 
 }  // namespace nanogpt
