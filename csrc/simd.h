@@ -120,9 +120,15 @@ inline vw wload(const c10::BFloat16* p) {
 #endif
 }
 inline vw wload_part(const c10::BFloat16* p, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  // a masked load: no call in the loops that use it (memcpy's kept their accumulators in memory)
+  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+  return (vw)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
   c10::BFloat16 t[kW] = {};  // zero bits: 0.0f
   std::memcpy(t, p, n * sizeof *p);
   return wload(t);
+#endif
 }
 
 // 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).

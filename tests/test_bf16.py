@@ -83,6 +83,14 @@ def test_decode_path(ext, nq, nk):
     check(ext, *bf16(*qkv(2, 3, nq, nk, 64, seed=nk)), "flash", causal=True)
 
 
+@pytest.mark.parametrize("d", [1, 7, 20, 33, 48, 100, 120, 160])
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_path_head_dims(ext, nq, d):
+    """Every way the decode path reads a bfloat16 row: whole vectors, a partial last vector (a
+    masked load), and d > 128 in two slices of P·V."""
+    check(ext, *bf16(*qkv(1, 2, nq, 600, d, seed=d)), "flash", causal=True)
+
+
 def test_strided_and_grouped(ext, dot):
     """nanoGPT's transposed layout read in place, a zero batch stride, grouped kv heads."""
     B, T, H, hs = 2, 45, 4, 16
