@@ -11,8 +11,9 @@
 // number of queries from 2 to kDecodeRows in the call; one float32 query alone sums its dot
 // products in another order (dot_rows), as the tile path does for more queries: the same within
 // float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
-// bfloat16 (widened as they are read: a bfloat16 cache is half the bytes, and this path is
-// bound by the memory's speed, so it needs no bfloat16 arithmetic).
+// bfloat16 (widened as they are read, two vectors' worth at a time: simd.h's wload_pairs; a
+// bfloat16 cache is half the bytes, and this path is bound by the memory's speed, so it needs no
+// bfloat16 arithmetic).
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -58,14 +59,25 @@ constexpr int kGroup = [] {
   return g;
 }();
 
+// Vectors of a bfloat16 row that pv_key loads in pairs (wload_pairs): vectors 2m and 2m + 1 hold
+// the even and the odd features of [2m·kW, (2m + 2)·kW). The partial last vector (Tail) and a
+// last odd one are loaded alone. A float32 row has none.
+template <class T, int NV, bool Tail>
+constexpr int kPairs = std::is_same_v<T, float> ? 0 : (NV - Tail) / 2;
+
 // a[g][0:NV] += p[g][j]·V[j, 0:NV·kW] for key j and the G queries g, V's row loaded once (the
-// last vector's rem elements only, where Tail)
+// last vector's rem elements only, where Tail; a bfloat16 row's features in pairs, see kPairs)
 template <int G, bool Tail, int NV, class T>
 NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const* p, int64_t j, const T* v, int rem) {
+  constexpr int P = kPairs<T, NV, Tail>;
   vw x[NV];
 #pragma GCC unroll 8
-  for (int i = 0; i < NV - 1; ++i) x[i] = wload(v + i * kW);
-  x[NV - 1] = Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW);
+  for (int m = 0; m < P; ++m) {
+    if constexpr (P > 0) wload_pairs(v + 2 * m * kW, x[2 * m], x[2 * m + 1]);
+  }
+#pragma GCC unroll 8
+  for (int i = 2 * P; i < NV - 1; ++i) x[i] = wload(v + i * kW);
+  if constexpr (2 * P < NV) x[NV - 1] = Tail ? wload_part(v + (NV - 1) * kW, rem) : wload(v + (NV - 1) * kW);
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g) {
     const vw pj = wsplat(p[g][j]);
@@ -117,20 +129,24 @@ void pv_slice(const float* const* p, const int64_t* n, const T* V, int64_t ldv, 
   int64_t shared = n[0];
   for (int g = 1; g < G; ++g) shared = std::min(shared, n[g]);
   shared &= ~int64_t(1);  // even: each query's rest starts on set 0, as a call of its own would
+  int pairs;  // vectors loaded in pairs (kPairs): their sums are put back in feature order below
   if (rem < kW)
-    pv_group_keys<G, true>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
+    pv_group_keys<G, true>(p, n, shared, V + c0, ldv, rem, acc0, acc1), pairs = kPairs<T, NV, true>;
   else
-    pv_group_keys<G, false>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
-  for (int g = 0; g < G; ++g)
+    pv_group_keys<G, false>(p, n, shared, V + c0, ldv, rem, acc0, acc1), pairs = kPairs<T, NV, false>;
+  for (int g = 0; g < G; ++g) {
+    vw sum[NV];
+    for (int i = 0; i < NV; ++i) sum[i] = acc0[g][i] + acc1[g][i];
+    for (int m = 0; m < pairs; ++m) join_pairs(sum[2 * m], sum[2 * m + 1], sum[2 * m], sum[2 * m + 1]);
     for (int i = 0; i < NV; ++i) {
       const int n_out = std::min(kW, d - (c0 + i * kW));
-      vw sum = acc0[g][i] + acc1[g][i];
       if (n_out == kW)
-        sum += wload(o[g] + c0 + i * kW);
+        sum[i] += wload(o[g] + c0 + i * kW);
       else
-        sum += wload_part(o[g] + c0 + i * kW, n_out);
-      std::memcpy(o[g] + c0 + i * kW, &sum, n_out * sizeof(float));
+        sum[i] += wload_part(o[g] + c0 + i * kW, n_out);
+      std::memcpy(o[g] + c0 + i * kW, &sum[i], n_out * sizeof(float));
     }
+  }
 }
 
 // o[g][0:d] += Σ_{j<n[g]} p[g][j]·V[j, 0:d] for ng queries g: groups of G while ng allows, then

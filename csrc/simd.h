@@ -27,9 +27,11 @@ typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
 #ifdef __AVX512F__
 constexpr int kW = 16;  // floats per native vector
 typedef vf vw;
+typedef vi vwi;
 #else
 constexpr int kW = 8;
 typedef vf8 vw;
+typedef vi8 vwi;
 #endif
 
 // For small vector helpers whose operands must stay in registers: GCC's inliner declines some
@@ -129,6 +131,38 @@ inline vw wload_part(const c10::BFloat16* p, int n) {
   std::memcpy(t, p, n * sizeof *p);
   return wload(t);
 #endif
+}
+
+// 2·kW bfloat16 values widened to float as two vectors, even[i] = p[2i] and odd[i] = p[2i + 1]:
+// one shift and one mask per kW values where wload takes a shuffle (vpmovzxwd) and a shift. On
+// AVX-512 both run on the two ports that also do the FMAs they feed, so a bfloat16 row costs
+// 2 FMA slots per kW values here against 3 in wload (decode's P·V and dot_rows of a bf16 cache).
+NANOGPT_INLINE void wload_pairs(const c10::BFloat16* p, vw& even, vw& odd) {
+  vwi u;
+  std::memcpy(&u, p, sizeof u);
+  even = (vw)(u << 16);
+  odd = (vw)(u & int32_t(0xffff0000u));
+}
+// The same split of 2·kW floats: a = x[0:kW], b = x[kW:2kW] → even = x[0, 2, ...], odd = x[1, 3, ...].
+NANOGPT_INLINE void split_pairs(vw a, vw b, vw& even, vw& odd) {
+#ifdef __AVX512F__
+  even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+  odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+}
+// Its inverse: a = [e0, o0, e1, o1, ...] (features 0..kW), b = the next kW features.
+NANOGPT_INLINE void join_pairs(vw even, vw odd, vw& a, vw& b) {
+#ifdef __AVX512F__
+  const vw lo = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  b = __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+  const vw lo = __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11);
+  b = __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15);
+#endif
+  a = lo;
 }
 
 // 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).

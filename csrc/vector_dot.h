@@ -51,17 +51,34 @@ NANOGPT_INLINE vw lane_sums(vw* a) {
 // taken whole in turn, one row pointer stepping by ldk (the general loop below walks kW row
 // pointers, which spill at small d: half its time went to reloading them). The same products
 // in the same order, so the same sums.
+// A bfloat16 row's whole vectors go in pairs (wload_pairs: even features, then odd), q's split the
+// same way; the partial last vector, or a last odd one, alone.
 template <int NQ, bool Tail, class T>
 inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
   const int rem = d - (NQ - 1) * kW;  // elements of a row's last vector
+  constexpr int P = std::is_same_v<T, float> ? 0 : (NQ - Tail) / 2;  // pairs of vectors
   vw qv[NQ];
 #pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i) qv[i] = wload(q + i * kW);
+#pragma GCC unroll 8
+  for (int m = 0; m < P; ++m) {
+    if constexpr (P > 0) split_pairs(qv[2 * m], qv[2 * m + 1], qv[2 * m], qv[2 * m + 1]);
+  }
   const auto row = [&](const T* k) {
     vw a = {};
 #pragma GCC unroll 8
-    for (int i = 0; i < NQ - 1; ++i) a += wload(k + i * kW) * qv[i];
-    return a + (Tail ? wload_part(k + (NQ - 1) * kW, rem) : wload(k + (NQ - 1) * kW)) * qv[NQ - 1];
+    for (int m = 0; m < P; ++m) {
+      if constexpr (P > 0) {
+        vw e, o;
+        wload_pairs(k + 2 * m * kW, e, o);
+        a += e * qv[2 * m];
+        a += o * qv[2 * m + 1];
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 2 * P; i < NQ - 1; ++i) a += wload(k + i * kW) * qv[i];
+    if constexpr (2 * P < NQ) a += (Tail ? wload_part(k + (NQ - 1) * kW, rem) : wload(k + (NQ - 1) * kW)) * qv[NQ - 1];
+    return a;
   };
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
@@ -98,12 +115,27 @@ inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, i
     default: break;
   }
   const int full = d / kW * kW, rem = d - full;
+  // a bfloat16 row's features [0, paired) in pairs of vectors, as in dot_rows_short
+  const int paired = std::is_same_v<T, float> ? 0 : full / (2 * kW) * (2 * kW);
+  const auto q_pair = [&](int c, vw& e, vw& o) { split_pairs(wload(q + c), wload(q + c + kW), e, o); };
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
     // kW rows at once, c outermost: kW independent accumulators, one q vector per step
     const T* k0 = K + j * ldk;
     vw acc[kW] = {};
-    for (int c = 0; c < full; c += kW) {
+    if constexpr (!std::is_same_v<T, float>)
+      for (int c = 0; c < paired; c += 2 * kW) {
+        vw qe, qo;
+        q_pair(c, qe, qo);
+#pragma GCC unroll 16
+        for (int r = 0; r < kW; ++r) {
+          vw e, o;
+          wload_pairs(k0 + r * ldk + c, e, o);
+          acc[r] += e * qe;
+          acc[r] += o * qo;
+        }
+      }
+    for (int c = paired; c < full; c += kW) {
       const vw qv = wload(q + c);
 #pragma GCC unroll 16
       for (int r = 0; r < kW; ++r) acc[r] += wload(k0 + r * ldk + c) * qv;
@@ -118,7 +150,15 @@ inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, i
   for (; j < n; ++j) {  // the last n % kW rows, one horizontal sum each
     const T* k = K + j * ldk;
     vw a = {};
-    for (int c = 0; c < full; c += kW) a += wload(k + c) * wload(q + c);
+    if constexpr (!std::is_same_v<T, float>)
+      for (int c = 0; c < paired; c += 2 * kW) {
+        vw qe, qo, e, o;
+        q_pair(c, qe, qo);
+        wload_pairs(k + c, e, o);
+        a += e * qe;
+        a += o * qo;
+      }
+    for (int c = paired; c < full; c += kW) a += wload(k + c) * wload(q + c);
     if (rem) a += wload_part(k + full, rem) * wload(q + full);
     float t = 0.f;
     for (int i = 0; i < kW; ++i) t += a[i];
