@@ -134,9 +134,9 @@ inline vw wload_part(const c10::BFloat16* p, int n) {
 }
 
 // 2·kW bfloat16 values widened to float as two vectors, even[i] = p[2i] and odd[i] = p[2i + 1]:
-// one shift and one mask per kW values where wload takes a shuffle (vpmovzxwd) and a shift. On
-// AVX-512 both run on the two ports that also do the FMAs they feed, so a bfloat16 row costs
-// 2 FMA slots per kW values here against 3 in wload (decode's P·V and dot_rows of a bf16 cache).
+// a shift for one and a mask for the other, where wload takes a shuffle (vpmovzxwd) and a shift
+// per vector. On AVX-512 these run on the two ports that also do the FMAs they feed: a widened
+// vector and its FMA take 2 of those slots here against 3 (decode's P·V and dot_rows of bfloat16).
 NANOGPT_INLINE void wload_pairs(const c10::BFloat16* p, vw& even, vw& odd) {
   vwi u;
   std::memcpy(&u, p, sizeof u);
@@ -156,13 +156,12 @@ NANOGPT_INLINE void split_pairs(vw a, vw b, vw& even, vw& odd) {
 // Its inverse: a = [e0, o0, e1, o1, ...] (features 0..kW), b = the next kW features.
 NANOGPT_INLINE void join_pairs(vw even, vw odd, vw& a, vw& b) {
 #ifdef __AVX512F__
-  const vw lo = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  a = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   b = __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
 #else
-  const vw lo = __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11);
+  a = __builtin_shufflevector(even, odd, 0, 8, 1, 9, 2, 10, 3, 11);
   b = __builtin_shufflevector(even, odd, 4, 12, 5, 13, 6, 14, 7, 15);
 #endif
-  a = lo;
 }
 
 // 2^n for whole n in [-125, 0], from the exponent bits (kernel_common.h's vexp2 needs it).
