@@ -86,8 +86,9 @@ def test_decode_path(ext, nq, nk):
 @pytest.mark.parametrize("d", [1, 7, 20, 33, 48, 100, 120, 160])
 @pytest.mark.parametrize("nq", [1, 3])
 def test_decode_path_head_dims(ext, nq, d):
-    """Every way the decode path reads a bfloat16 row: whole vectors, a partial last vector (a
-    masked load), and d > 128 in two slices of P·V."""
+    """Every way the decode path reads a bfloat16 row: whole vectors in pairs (even and odd
+    features, put back in order), a last odd vector, a partial last vector (a masked load), and
+    d > 128 in two slices of P·V."""
     check(ext, *bf16(*qkv(1, 2, nq, 600, d, seed=d)), "flash", causal=True)
 
 
