@@ -104,13 +104,15 @@ inline at::Tensor keys_transposed(const Problem& p) {
   return kt;
 }
 
-// Which of flash's code paths serves a problem: "decode" (a few queries, as in a KV-cache
-// step, decode.cpp) unless tiles were asked for, else "tiles" (flash.cpp). A forward that keeps
-// the LSE for a backward takes the tiles whatever Nq: the backward recomputes P = exp(s − LSE)
-// with the tiles' sums, and an LSE from the decode path's sums (another order: other rounding)
-// put gradients 2.2× further from float64 at the median of 120 problems with large scores.
+// Which of flash's code paths serves an inference problem: "decode" (a few queries, as in a
+// KV-cache step, decode.cpp) unless tiles were asked for, else "tiles" (flash.cpp). A float32
+// forward that keeps the LSE for a backward takes the tiles whatever Nq: the backward recomputes
+// P = exp(s − LSE) with the tiles' sums, and an LSE from the decode path's sums (another order:
+// other rounding) put gradients 2.2× further from float64 at the median of 120 problems with
+// large scores. A bfloat16 one still takes the decode path: its backward runs on float32 copies,
+// and the bfloat16 tiles' LSE sums probabilities rounded to bfloat16, further from it.
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc);
-void flash_decode(const Problem& p);  // float32 or bfloat16
+void flash_decode(const Problem& p);  // float32 or bfloat16; the LSE too where p.lse is set
 
 // bfloat16 (bf16.cpp). flash's tile path in bfloat16: both matmuls on AMX where the CPU has it,
 // else on AVX-512 BF16 (vdpbf16ps) where this CPU has it and it outruns the FMA there (all

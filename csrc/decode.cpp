@@ -11,7 +11,7 @@
 // number of queries from 2 to kDecodeRows in the call; one float32 query alone sums its dot
 // products in another order (dot_rows), as the tile path does for more queries: the same within
 // float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
-// bfloat16 (widened as they are read, two vectors' worth at a time: simd.h's wload_pairs; a
+// bfloat16 (widened as they are read, whole vectors two at a time: simd.h's wload_pairs; a
 // bfloat16 cache is half the bytes, and this path is bound by the memory's speed, so it needs no
 // bfloat16 arithmetic).
 #include "attention.h"
@@ -59,17 +59,11 @@ constexpr int kGroup = [] {
   return g;
 }();
 
-// Vectors of a bfloat16 row that pv_key loads in pairs (wload_pairs): vectors 2m and 2m + 1 hold
-// the even and the odd features of [2m·kW, (2m + 2)·kW). The partial last vector (Tail) and a
-// last odd one are loaded alone. A float32 row has none.
-template <class T, int NV, bool Tail>
-constexpr int kPairs = std::is_same_v<T, float> ? 0 : (NV - Tail) / 2;
-
 // a[g][0:NV] += p[g][j]·V[j, 0:NV·kW] for key j and the G queries g, V's row loaded once (the
-// last vector's rem elements only, where Tail; a bfloat16 row's features in pairs, see kPairs)
+// last vector's rem elements only, where Tail; a bfloat16 row's whole vectors in pairs: pairs_of)
 template <int G, bool Tail, int NV, class T>
 NANOGPT_INLINE void pv_key(vw (&a)[G][NV], const float* const* p, int64_t j, const T* v, int rem) {
-  constexpr int P = kPairs<T, NV, Tail>;
+  constexpr int P = pairs_of<T>(NV - Tail);
   vw x[NV];
 #pragma GCC unroll 8
   for (int m = 0; m < P; ++m) {
@@ -129,11 +123,12 @@ void pv_slice(const float* const* p, const int64_t* n, const T* V, int64_t ldv, 
   int64_t shared = n[0];
   for (int g = 1; g < G; ++g) shared = std::min(shared, n[g]);
   shared &= ~int64_t(1);  // even: each query's rest starts on set 0, as a call of its own would
-  int pairs;  // vectors loaded in pairs (kPairs): their sums are put back in feature order below
-  if (rem < kW)
-    pv_group_keys<G, true>(p, n, shared, V + c0, ldv, rem, acc0, acc1), pairs = kPairs<T, NV, true>;
+  const bool tail = rem < kW;
+  if (tail)
+    pv_group_keys<G, true>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
   else
-    pv_group_keys<G, false>(p, n, shared, V + c0, ldv, rem, acc0, acc1), pairs = kPairs<T, NV, false>;
+    pv_group_keys<G, false>(p, n, shared, V + c0, ldv, rem, acc0, acc1);
+  const int pairs = pairs_of<T>(NV - tail);  // their sums are put back in feature order here
   for (int g = 0; g < G; ++g) {
     vw sum[NV];
     for (int i = 0; i < NV; ++i) sum[i] = acc0[g][i] + acc1[g][i];
@@ -393,6 +388,7 @@ void decode(const Problem& p) {
       else
         o = acc.data();
       std::fill(o, o + d, 0.f);
+      if (p.lse) p.lse[bh * nq + i] = kNegInf;  // for the backward; set below when keys were seen
       if (m == kNegInf) {  // saw no key: a zero row, as SDPA gives
         std::fill(out, out + d, T(0.f));
         continue;
@@ -407,11 +403,12 @@ void decode(const Problem& p) {
       }
       normalise_row(o, o, l, d);
       if constexpr (!std::is_same_v<T, float>) std::copy(o, o + d, out);  // rounds to nearest even
+      if (p.lse) p.lse[bh * nq + i] = lse_from(m, l);  // log Σ_j e^(s_ij)
     }
   });
 }
 
-// Inference only: a forward that keeps the LSE for a backward takes the tiles (attention.h's flash_path).
+// A float32 forward that keeps the LSE for a backward takes the tiles (attention.h's flash_path).
 void flash_decode(const Problem& p) { p.bf16 ? decode<c10::BFloat16>(p) : decode<float>(p); }
 
 }  // namespace nanogpt

@@ -34,7 +34,8 @@ struct Scratch {
 }  // namespace
 
 void flash_attention(const Problem& p) {
-  if (!p.lse && flash_path(p.Nq, p.br, p.bc)[0] == 'd') return flash_decode(p);  // inference only: see flash_path
+  // a float32 forward that keeps the LSE takes the tiles: see flash_path
+  if ((!p.lse || p.bf16) && flash_path(p.Nq, p.br, p.bc)[0] == 'd') return flash_decode(p);
   if (p.bf16) return flash_tiles_bf16(p);
   const auto [br0, bc0] = flash_default_tiles(p.Nq, p.Nk, p.d);
   const int64_t br = std::min(p.br ? p.br : br0, p.Nq), bc = std::min(p.bc ? p.bc : bc0, p.Nk);

@@ -226,7 +226,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d) on this host");
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
-  m.def("flash_path", &flash_path, "flash's code path for (Nq, br, bc): 'decode' or 'tiles'");
+  m.def("flash_path", &flash_path, "flash's code path for an inference call (Nq, br, bc): 'decode' or 'tiles' (a float32 forward for training takes the tiles)");
   m.def("set_bf16_amx", &set_bf16_amx, "False: bfloat16 flash tiles never on AMX (tests); True: where the CPU has it");
   m.def("set_bf16_dot", &set_bf16_dot, pybind11::arg("on") = pybind11::none(),
         "bfloat16 flash tiles on vdpbf16ps: None (default) where it outruns the FMA, True wherever the CPU has it, "

@@ -27,12 +27,11 @@ typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
 #ifdef __AVX512F__
 constexpr int kW = 16;  // floats per native vector
 typedef vf vw;
-typedef vi vwi;
 #else
 constexpr int kW = 8;
 typedef vf8 vw;
-typedef vi8 vwi;
 #endif
+typedef uint32_t vwu __attribute__((vector_size(kW * sizeof(uint32_t))));  // vw's bits as unsigned lanes
 
 // For small vector helpers whose operands must stay in registers: GCC's inliner declines some
 // (a function with a loop, or called from two places), and then passes accumulators through memory.
@@ -133,15 +132,16 @@ inline vw wload_part(const c10::BFloat16* p, int n) {
 #endif
 }
 
-// 2·kW bfloat16 values widened to float as two vectors, even[i] = p[2i] and odd[i] = p[2i + 1]:
+// 2·kW bfloat16 values widened to float as two vectors, even[i] = p[2i] and odd[i] = p[2i + 1]
+// (x86 is little-endian: p[2i] is the low half of the 32-bit lane i, p[2i + 1] the high half):
 // a shift for one and a mask for the other, where wload takes a shuffle (vpmovzxwd) and a shift
 // per vector. On AVX-512 these run on the two ports that also do the FMAs they feed: a widened
 // vector and its FMA take 2 of those slots here against 3 (decode's P·V and dot_rows of bfloat16).
 NANOGPT_INLINE void wload_pairs(const c10::BFloat16* p, vw& even, vw& odd) {
-  vwi u;
+  vwu u;  // unsigned lanes: the shift drops the high half, never a sign
   std::memcpy(&u, p, sizeof u);
   even = (vw)(u << 16);
-  odd = (vw)(u & int32_t(0xffff0000u));
+  odd = (vw)(u & 0xffff0000u);
 }
 // The same split of 2·kW floats: a = x[0:kW], b = x[kW:2kW] → even = x[0, 2, ...], odd = x[1, 3, ...].
 NANOGPT_INLINE void split_pairs(vw a, vw b, vw& even, vw& odd) {

@@ -46,6 +46,12 @@ NANOGPT_INLINE vw lane_sums(vw* a) {
 #endif
 }
 
+// Pairs of vectors that a row of T, of `whole` whole vectors, is read in (wload_pairs: vectors
+// 2m and 2m + 1 hold the even and the odd features of [2m·kW, (2m + 2)·kW)); the rest, a last odd
+// vector and a partial one, are read alone. A float32 row has none.
+template <class T>
+constexpr int pairs_of(int whole) { return std::is_same_v<T, float> ? 0 : whole / 2; }
+
 // dot_rows for rows of at most NQ·kW elements, the last vector partial (Tail: d % kW elements,
 // decided once by the caller, not per row): q's NQ vectors stay in registers and each row is
 // taken whole in turn, one row pointer stepping by ldk (the general loop below walks kW row
@@ -56,7 +62,7 @@ NANOGPT_INLINE vw lane_sums(vw* a) {
 template <int NQ, bool Tail, class T>
 inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float* s, int64_t n) {
   const int rem = d - (NQ - 1) * kW;  // elements of a row's last vector
-  constexpr int P = std::is_same_v<T, float> ? 0 : (NQ - Tail) / 2;  // pairs of vectors
+  constexpr int P = pairs_of<T>(NQ - Tail);
   vw qv[NQ];
 #pragma GCC unroll 8
   for (int i = 0; i < NQ; ++i) qv[i] = wload(q + i * kW);
@@ -115,12 +121,11 @@ inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, i
     default: break;
   }
   const int full = d / kW * kW, rem = d - full;
-  // a bfloat16 row's features [0, paired) in pairs of vectors, as in dot_rows_short
-  const int paired = std::is_same_v<T, float> ? 0 : full / (2 * kW) * (2 * kW);
+  const int paired = pairs_of<T>(full / kW) * 2 * kW;  // features read in pairs of vectors
   const auto q_pair = [&](int c, vw& e, vw& o) { split_pairs(wload(q + c), wload(q + c + kW), e, o); };
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
-    // kW rows at once, c outermost: kW independent accumulators, one q vector per step
+    // kW rows at once, c outermost: kW independent accumulators, one q vector (or pair) per step
     const T* k0 = K + j * ldk;
     vw acc[kW] = {};
     if constexpr (!std::is_same_v<T, float>)

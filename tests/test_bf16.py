@@ -83,12 +83,12 @@ def test_decode_path(ext, nq, nk):
     check(ext, *bf16(*qkv(2, 3, nq, nk, 64, seed=nk)), "flash", causal=True)
 
 
-@pytest.mark.parametrize("d", [1, 7, 20, 33, 48, 100, 120, 160])
+@pytest.mark.parametrize("d", [1, 7, 20, 32, 33, 48, 56, 100, 120, 160])
 @pytest.mark.parametrize("nq", [1, 3])
 def test_decode_path_head_dims(ext, nq, d):
     """Every way the decode path reads a bfloat16 row: whole vectors in pairs (even and odd
-    features, put back in order), a last odd vector, a partial last vector (a masked load), and
-    d > 128 in two slices of P·V."""
+    features, put back in order), a last odd vector, a partial last vector (a masked load), both
+    (d = 56 on AVX-512), and d > 128 in more than one slice of P·V."""
     check(ext, *bf16(*qkv(1, 2, nq, 600, d, seed=d)), "flash", causal=True)
 
 
