@@ -120,10 +120,11 @@ def test_dtypes_must_match(ext):
 
 
 @pytest.mark.parametrize("variant", ["naive", "flash"])
-def test_training_in_bf16(ext, variant):
+@pytest.mark.parametrize("nq,nk", [(33, 33), (3, 40)])  # (3, 40): flash's forward on the decode path
+def test_training_in_bf16(ext, variant, nq, nk):
     """Gradients of bfloat16 inputs are bfloat16, and close to the float64 ones (the backward
     runs on float32 copies: its error is the inputs' and outputs' bfloat16 rounding)."""
-    q, k, v = bf16(*qkv(2, 2, 33, 33, 16, seed=5))
+    q, k, v = bf16(*qkv(2, 2, nq, nk, 16, seed=5))
     dout = torch.randn(q.shape).bfloat16()
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     out = ext.attention(*ins, variant=variant, causal=True)
