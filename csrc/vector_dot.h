@@ -52,6 +52,14 @@ NANOGPT_INLINE vw lane_sums(vw* a) {
 template <class T>
 constexpr int pairs_of(int whole) { return std::is_same_v<T, float> ? 0 : whole / 2; }
 
+// a + the pair of vectors at k times q's pair (qe, qo: split_pairs), the even features first
+NANOGPT_INLINE vw add_pair_products(vw a, const c10::BFloat16* k, vw qe, vw qo) {
+  vw e, o;
+  wload_pairs(k, e, o);
+  a += e * qe;
+  return a + o * qo;
+}
+
 // dot_rows for rows of at most NQ·kW elements, the last vector partial (Tail: d % kW elements,
 // decided once by the caller, not per row): q's NQ vectors stay in registers and each row is
 // taken whole in turn, one row pointer stepping by ldk (the general loop below walks kW row
@@ -74,12 +82,7 @@ inline void dot_rows_short(const float* q, const T* K, int64_t ldk, int d, float
     vw a = {};
 #pragma GCC unroll 8
     for (int m = 0; m < P; ++m) {
-      if constexpr (P > 0) {
-        vw e, o;
-        wload_pairs(k + 2 * m * kW, e, o);
-        a += e * qv[2 * m];
-        a += o * qv[2 * m + 1];
-      }
+      if constexpr (P > 0) a = add_pair_products(a, k + 2 * m * kW, qv[2 * m], qv[2 * m + 1]);
     }
 #pragma GCC unroll 8
     for (int i = 2 * P; i < NQ - 1; ++i) a += wload(k + i * kW) * qv[i];
@@ -133,12 +136,7 @@ inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, i
         vw qe, qo;
         q_pair(c, qe, qo);
 #pragma GCC unroll 16
-        for (int r = 0; r < kW; ++r) {
-          vw e, o;
-          wload_pairs(k0 + r * ldk + c, e, o);
-          acc[r] += e * qe;
-          acc[r] += o * qo;
-        }
+        for (int r = 0; r < kW; ++r) acc[r] = add_pair_products(acc[r], k0 + r * ldk + c, qe, qo);
       }
     for (int c = paired; c < full; c += kW) {
       const vw qv = wload(q + c);
@@ -157,11 +155,9 @@ inline void dot_rows(const float* q, const T* K, int64_t ldk, int d, float* s, i
     vw a = {};
     if constexpr (!std::is_same_v<T, float>)
       for (int c = 0; c < paired; c += 2 * kW) {
-        vw qe, qo, e, o;
+        vw qe, qo;
         q_pair(c, qe, qo);
-        wload_pairs(k + c, e, o);
-        a += e * qe;
-        a += o * qo;
+        a = add_pair_products(a, k + c, qe, qo);
       }
     for (int c = paired; c < full; c += kW) a += wload(k + c) * wload(q + c);
     if (rem) a += wload_part(k + full, rem) * wload(q + full);
