@@ -59,11 +59,7 @@ void flash_attention(const Problem& p) {
     const int64_t nq = round_up(rows, kLanes);
     const int64_t kend = p.key_end(i0 + rows - 1);  // keys past it are masked for every row
 
-    std::fill(w.Qt, w.Qt + p.d * nq, 0.f);  // lanes past `rows` compute harmless zeros
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* q = p.q.row(b, h, i0 + r);
-      for (int64_t c = 0; c < p.d; ++c) w.Qt[c * nq + r] = q[c] * qscale;
-    }
+    pack_transposed(p.q.row(b, h, i0), p.q.sn, rows, p.d, qscale, w.Qt, nq);  // lanes past `rows`: harmless zeros
     std::fill(w.O, w.O + nq * dp, 0.f);
     std::fill(w.m, w.m + nq, kNegInf);
     std::fill(w.l, w.l + nq, 0.f);

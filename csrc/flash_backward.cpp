@@ -7,7 +7,9 @@
 // The tile step runs in ISPC when the build has ispc, else in its C++ twin (flash_backward_tile.h).
 //
 // Threads: a work item owns (head, every S-th key block): its dK and dV rows are its own, and
-// its dQ goes to a buffer of its own, summed once at the end, so nothing is shared. S = 1 (a
+// its dQ goes to a buffer of its own, summed once at the end, so nothing is shared. When d is a
+// multiple of 16 the tiles accumulate dK and dV in the outputs' rows, and dQ too when an item
+// owns a whole head (S = 1) and Nq is a multiple of 16 (no lanes past Nq): no copies after. S = 1 (a
 // thread owns whole heads) when the heads divide evenly among the threads; with fewer heads
 // (B·H = 1, say) each head's key blocks are split S ways so every thread has work.
 #include "attention.h"
@@ -46,7 +48,7 @@ struct Packed {
   }
 };
 
-// One thread's scratch: P, dS (bc × br), dK, dV (bc × dp), and Kp (bc × dp, K padded to dp).
+// One thread's scratch: P, dS (bc × br), and when d % 16 != 0 dK, dV, Kp (bc × dp, padded to dp).
 struct Scratch {
   float *P, *dS, *dK, *dV, *Kp;
   static int64_t floats(int64_t br, int64_t bc, int64_t dp) { return round_up(2 * bc * br + 3 * bc * dp, kLanes); }
@@ -78,11 +80,13 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
     S = std::max<int64_t>(1, std::min(S, (int64_t(1) << 26) / (BH * Nqp * dp)));
   }
 
+  const bool dq_in_place = !pad && S == 1 && Nqp == p.Nq;  // the outputs: contiguous, row stride d
   at::Tensor packed_t = at::empty({Packed::floats(BH, Nqp, p.d, dp, pad)}, at::kFloat);
   const Packed w(packed_t.data_ptr<float>(), BH, Nqp, p.d, dp, pad);
-  at::Tensor dq_t = at::zeros({S, BH, Nqp, dp}, at::kFloat);  // (split, head, query, feature)
+  at::Tensor dq_t;  // (split, head, query, feature)
+  if (!dq_in_place) dq_t = at::zeros({S, BH, Nqp, dp}, at::kFloat);
   at::Tensor scratch_t = at::zeros({threads, per_thread}, at::kFloat);  // zeroed: Kp's padding stays 0
-  float* dq_part = dq_t.data_ptr<float>();
+  float* dq_part = dq_in_place ? nullptr : dq_t.data_ptr<float>();
   float* scratch = scratch_t.data_ptr<float>();
   const float qscale = p.scale * kLog2e;
 
@@ -91,21 +95,15 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / qblocks, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = t % qblocks * br, rows = std::min(br, p.Nq - i0), nq = round_up(rows, kLanes);
-      float *qt = w.Qt + (bh * Nqp + i0) * p.d, *dot = w.dOt + (bh * Nqp + i0) * p.d;
+      float *qt = w.Qt + (bh * Nqp + i0) * p.d, *dOt = w.dOt + (bh * Nqp + i0) * p.d;
       float *L = w.L + bh * Nqp + i0, *D = w.D + bh * Nqp + i0;
-      std::fill(qt, qt + p.d * nq, 0.f);
-      std::fill(dot, dot + p.d * nq, 0.f);
+      pack_transposed(p.q.row(b, h, i0), p.q.sn, rows, p.d, qscale, qt, nq);
+      pack_transposed(g.dout.row(b, h, i0), g.dout.sn, rows, p.d, 1.f, dOt, nq);
       std::fill(L + rows, L + nq, INFINITY);
       std::fill(D + rows, D + nq, 0.f);
       for (int64_t r = 0; r < rows; ++r) {
-        const float *q = p.q.row(b, h, i0 + r), *dout = g.dout.row(b, h, i0 + r), *o = p.o.row(b, h, i0 + r);
-        float dsum = 0.f;
-        for (int64_t c = 0; c < p.d; ++c) {
-          qt[c * nq + r] = q[c] * qscale;
-          dot[c * nq + r] = dout[c];
-          dsum += dout[c] * o[c];
-        }
-        D[r] = dsum;
+        const float *q = p.q.row(b, h, i0 + r), *dout = g.dout.row(b, h, i0 + r);
+        D[r] = dot(dout, p.o.row(b, h, i0 + r), p.d);
         const float lse = g.lse[bh * p.Nq + i0 + r];
         L[r] = lse == kNegInf ? INFINITY : lse * kLog2e;  // a row that sees no key: P = 0
         if (pad) {
@@ -120,12 +118,13 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
   });
 
   // 2. Item t: head t / S, key blocks s, s + S, s + 2S, ... (s = t % S), against every query
-  //    block that sees them; dK and dV of each key block written once it is done.
+  //    block that sees them; padded dK and dV of each key block copied out once it is done.
   const int64_t cost = 5 * p.Nq * p.Nk * p.d / (p.causal ? 2 : 1) / S;
   parallel_items(BH * S, threads, cost, [&](int64_t t, int64_t slot) {
     Scratch sc(scratch + slot * per_thread, br, bc, dp);
     const int64_t bh = t / S, s = t % S, b = bh / p.H, h = bh % p.H;
-    float* dq = dq_part + (s * BH + bh) * Nqp * dp;
+    float* dq = dq_in_place ? g.dq.row(b, h, 0) : dq_part + (s * BH + bh) * Nqp * dp;
+    if (dq_in_place) std::fill(dq, dq + p.Nq * dp, 0.f);
     for (int64_t j0 = s * bc; j0 < p.Nk; j0 += S * bc) {
       const int64_t cols = std::min(bc, p.Nk - j0);
       const float* K = p.k.row(b, h, j0);
@@ -135,8 +134,9 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
         K = sc.Kp;
         ldk = dp;
       }
-      std::fill(sc.dK, sc.dK + cols * dp, 0.f);
-      std::fill(sc.dV, sc.dV + cols * dp, 0.f);
+      float *dK = pad ? sc.dK : g.dk.row(b, h, j0), *dV = pad ? sc.dV : g.dv.row(b, h, j0);
+      std::fill(dK, dK + cols * dp, 0.f);
+      std::fill(dV, dV + cols * dp, 0.f);
       // Query i sees key j0 from i = j0 + Nq − Nk on; earlier query blocks see none of these keys.
       const int64_t i_first = p.causal ? std::max<int64_t>(0, j0 + p.Nq - p.Nk) : 0;
       for (int64_t i0 = i_first / br * br; i0 < p.Nq; i0 += br) {
@@ -150,10 +150,10 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
         }
         NANOGPT_BACKWARD_TILE(w.Qt + (bh * Nqp + i0) * p.d, Q, ldq, w.dOt + (bh * Nqp + i0) * p.d, dO, ldo, K, ldk,
                               p.v.row(b, h, j0), p.v.sn, w.L + bh * Nqp + i0, w.D + bh * Nqp + i0, sc.P, sc.dS,
-                              sc.dK, sc.dV, dq + i0 * dp, int(rows), int(cols), int(p.d), int(dp), int(diag),
+                              dK, dV, dq + i0 * dp, int(rows), int(cols), int(p.d), int(dp), int(diag),
                               p.scale);
       }
-      for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t c = 0; c < cols && pad; ++c) {
         std::copy(sc.dK + c * dp, sc.dK + c * dp + p.d, g.dk.row(b, h, j0 + c));
         std::copy(sc.dV + c * dp, sc.dV + c * dp + p.d, g.dv.row(b, h, j0 + c));
       }
@@ -161,7 +161,7 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
   });
 
   // 3. dQ = the sum of the S splits' buffers, cropped to Nq × d.
-  at::parallel_for(0, BH * p.Nq, 64, [&](int64_t t0, int64_t t1) {
+  if (!dq_in_place) at::parallel_for(0, BH * p.Nq, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / p.Nq, i = t % p.Nq;
       float* out = g.dq.row(bh / p.H, bh % p.H, i);

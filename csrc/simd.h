@@ -217,6 +217,52 @@ inline float hsum(F v) {
   return s;
 }
 
+// Σ_c a[c]·b[c] over n floats, kW lanes at a time (one scalar FMA chain is latency-bound).
+inline float dot(const float* a, const float* b, int64_t n) {
+  vw acc = {};
+  int64_t c = 0;
+  for (; c + kW <= n; c += kW) acc += wload(a + c) * wload(b + c);
+  if (c < n) acc += wload_part(a + c, int(n - c)) * wload_part(b + c, int(n - c));
+  return hsum(acc);
+}
+
+// dst (d × nq) = scale · src (rows × d, row stride ld)ᵀ, lanes r ≥ rows zero: a block of queries
+// packed for the flash tiles (Qᵀ; the backward's dOᵀ too). 8 × 8 blocks go through registers on
+// AVX (3 shuffles per 8 floats); the scalar loop stored each float alone, a stride of nq apart.
+inline void pack_transposed(const float* src, int64_t ld, int64_t rows, int64_t d, float scale, float* dst,
+                            int64_t nq) {
+  int64_t r = 0;
+#ifdef __AVX__
+  const __m256 s = _mm256_set1_ps(scale);
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+      __m256 x[8], t[8];
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_mul_ps(_mm256_loadu_ps(src + (r + i) * ld + c), s);
+      for (int i = 0; i < 8; i += 2) {  // t[i], t[i+1]: rows i, i+1 interleaved, low and high pairs
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {  // x[i..i+3]: columns (0,4), (1,5), (2,6), (3,7) of rows i..i+3
+        x[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int i = 0; i < 4; ++i) {  // column i from the low halves, column i + 4 from the high
+        _mm256_storeu_ps(dst + (c + i) * nq + r, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (c + i + 4) * nq + r, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+      }
+    }
+    for (; c < d; ++c)
+      for (int64_t i = 0; i < 8; ++i) dst[c * nq + r + i] = src[(r + i) * ld + c] * scale;
+  }
+#endif
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < d; ++c) dst[c * nq + r] = src[r * ld + c] * scale;
+  for (int64_t c = 0; c < d && rows < nq; ++c) std::fill(dst + c * nq + rows, dst + (c + 1) * nq, 0.f);
+}
+
 // ---------------------------------------------------------------------------------------
 // Row helpers shared by the unfused variants (naive, blocked) and the fused one.
 
