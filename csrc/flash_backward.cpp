@@ -1,8 +1,8 @@
 // flash backward (FlashAttention-2's): P is recomputed tile by tile from Q, K and the forward's
 // log-sum-exp, never stored, so memory stays O(N·d). With D = rowsum(dO∘O):
 //   dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P∘(dP − D),  dQ += scale·dS K,  dK += scale·dSᵀ Q.
-// Loop order: the outer loop walks key blocks, holding that block's dK and dV in scratch (L1/L2)
-// while the inner loop streams the query blocks past it; dQ accumulates in a per-head buffer.
+// Loop order: the outer loop walks key blocks, holding that block's dK and dV in cache (L1/L2)
+// while the inner loop streams the query blocks past it; dQ accumulates per head (see Threads).
 // Causal as in the forward: bottom-right, query blocks wholly above the diagonal never visited.
 // The tile step runs in ISPC when the build has ispc, else in its C++ twin (flash_backward_tile.h).
 //
@@ -48,7 +48,8 @@ struct Packed {
   }
 };
 
-// One thread's scratch: P, dS (bc × br), and when d % 16 != 0 dK, dV, Kp (bc × dp, padded to dp).
+// One thread's scratch: P, dS (bc × br), dK, dV, Kp (bc × dp; used only when d % 16 != 0: the
+// padded dK, dV copied out after each key block, and K padded to dp).
 struct Scratch {
   float *P, *dS, *dK, *dV, *Kp;
   static int64_t floats(int64_t br, int64_t bc, int64_t dp) { return round_up(2 * bc * br + 3 * bc * dp, kLanes); }
