@@ -81,7 +81,9 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
     S = std::max<int64_t>(1, std::min(S, (int64_t(1) << 26) / (BH * Nqp * dp)));
   }
 
-  const bool dq_in_place = !pad && S == 1 && Nqp == p.Nq;  // the outputs: contiguous, row stride d
+  // The outputs are contiguous (attention_backward allocates them): dK, dV and dQ rows of stride d.
+  TORCH_INTERNAL_ASSERT(g.dq.sn == p.d && g.dk.sn == p.d && g.dv.sn == p.d);
+  const bool dq_in_place = !pad && S == 1 && Nqp == p.Nq;
   at::Tensor packed_t = at::empty({Packed::floats(BH, Nqp, p.d, dp, pad)}, at::kFloat);
   const Packed w(packed_t.data_ptr<float>(), BH, Nqp, p.d, dp, pad);
   at::Tensor dq_t;  // (split, head, query, feature)
