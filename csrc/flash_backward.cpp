@@ -16,6 +16,7 @@
 #include "flash_backward_tile.h"
 #include "parallel.h"
 #include "simd.h"
+#include "vector_dot.h"
 
 #ifdef NANOGPT_WITH_ISPC
 #include "flash_backward_ispc.h"
@@ -106,16 +107,17 @@ void flash_attention_backward(const Problem& p, const Grad& g) {
       std::fill(D + rows, D + nq, 0.f);
       for (int64_t r = 0; r < rows; ++r) {
         const float *q = p.q.row(b, h, i0 + r), *dout = g.dout.row(b, h, i0 + r);
-        D[r] = dot(dout, p.o.row(b, h, i0 + r), p.d);
-        const float lse = g.lse[bh * p.Nq + i0 + r];
-        L[r] = lse == kNegInf ? INFINITY : lse * kLog2e;  // a row that sees no key: P = 0
         if (pad) {
           float *qp = w.Qp + (bh * Nqp + i0 + r) * dp, *dop = w.dOp + (bh * Nqp + i0 + r) * dp;
           std::copy(q, q + p.d, qp);
           std::fill(qp + p.d, qp + dp, 0.f);
           std::copy(dout, dout + p.d, dop);
           std::fill(dop + p.d, dop + dp, 0.f);
+          dout = dop;  // zero-padded to dp, as dot_rows reads its vector
         }
+        dot_rows(dout, p.o.row(b, h, i0 + r), 0, int(p.d), D + r, 1);  // D = rowsum(dO∘O)
+        const float lse = g.lse[bh * p.Nq + i0 + r];
+        L[r] = lse == kNegInf ? INFINITY : lse * kLog2e;  // a row that sees no key: P = 0
       }
     }
   });

@@ -217,26 +217,17 @@ inline float hsum(F v) {
   return s;
 }
 
-// Σ_c a[c]·b[c] over n floats, kW lanes at a time (one scalar FMA chain is latency-bound).
-inline float dot(const float* a, const float* b, int64_t n) {
-  vw acc = {};
-  int64_t c = 0;
-  for (; c + kW <= n; c += kW) acc += wload(a + c) * wload(b + c);
-  if (c < n) acc += wload_part(a + c, int(n - c)) * wload_part(b + c, int(n - c));
-  return hsum(acc);
-}
-
 // dst (d × nq) = scale · src (rows × d, row stride ld)ᵀ, lanes r ≥ rows zero: a block of queries
 // packed for the flash tiles (Qᵀ; the backward's dOᵀ too). 8 × 8 blocks go through registers on
 // AVX (3 shuffles per 8 floats); the scalar loop stored each float alone, a stride of nq apart.
 inline void pack_transposed(const float* src, int64_t ld, int64_t rows, int64_t d, float scale, float* dst,
                             int64_t nq) {
-  int64_t r = 0;
+  int64_t r8 = 0, d8 = 0;  // rows [0, r8) × columns [0, d8) go through registers, the rest alone
 #ifdef __AVX__
+  r8 = rows / 8 * 8, d8 = d / 8 * 8;
   const __m256 s = _mm256_set1_ps(scale);
-  for (; r + 8 <= rows; r += 8) {
-    int64_t c = 0;
-    for (; c + 8 <= d; c += 8) {
+  for (int64_t r = 0; r < r8; r += 8)
+    for (int64_t c = 0; c < d8; c += 8) {
       __m256 x[8], t[8];
       for (int i = 0; i < 8; ++i) x[i] = _mm256_mul_ps(_mm256_loadu_ps(src + (r + i) * ld + c), s);
       for (int i = 0; i < 8; i += 2) {  // t[i], t[i+1]: rows i, i+1 interleaved, low and high pairs
@@ -254,12 +245,9 @@ inline void pack_transposed(const float* src, int64_t ld, int64_t rows, int64_t 
         _mm256_storeu_ps(dst + (c + i + 4) * nq + r, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
       }
     }
-    for (; c < d; ++c)
-      for (int64_t i = 0; i < 8; ++i) dst[c * nq + r + i] = src[(r + i) * ld + c] * scale;
-  }
 #endif
-  for (; r < rows; ++r)
-    for (int64_t c = 0; c < d; ++c) dst[c * nq + r] = src[r * ld + c] * scale;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < r8 ? d8 : 0; c < d; ++c) dst[c * nq + r] = src[r * ld + c] * scale;
   for (int64_t c = 0; c < d && rows < nq; ++c) std::fill(dst + c * nq + rows, dst + (c + 1) * nq, 0.f);
 }
 
