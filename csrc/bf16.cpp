@@ -111,54 +111,98 @@ NANOGPT_AVX512_BF16 inline __m512 exp2_le0(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// The online softmax of one step of kRows query rows against J groups of 16 keys, the scores
-// s in registers: S = scale·s (lanes past vis[r] masked to -inf when `masked`), the rows'
-// running max m and sum l updated, P = 2^(S - m) written as bfloat16 to P + r·ldp, and
-// alpha[r], the factor by which row r's O must be rescaled before this step's P·V.
-// A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
-template <int J>
-NANOGPT_AVX512_BF16 inline void online_softmax(__m512 (&s)[kRows][J], float scale, const int64_t* vis, bool masked,
+// Lane r of the result, for r < R (4 or 16): op (max or add) over the 16 lanes of v[r]. A
+// transposing tree, v overwritten: each level pairs vectors, one shuffle of each pair meeting the
+// other's in one op, until lane r holds row r. 16 rows take 45 instructions, where reducing each
+// row alone (_mm512_reduce_*) takes about 8 a row, 128 in all.
+struct MaxOp {
+  NANOGPT_AVX512_BF16 __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+struct AddOp {
+  NANOGPT_AVX512_BF16 __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); }
+};
+template <int R, class Op>
+NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
+  static_assert(R == 4 || R == 16);
+  for (int i = 0; i < R / 2; ++i)  // per 128-bit block: (a0·a2, b0·b2, a1·a3, b1·b3) of rows a, b
+    v[i] = op(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < R / 4; ++i) {  // per 128-bit block: rows 4i..4i+3, each over that block's 4 lanes
+    const __m512d x = _mm512_castps_pd(v[2 * i]), y = _mm512_castps_pd(v[2 * i + 1]);
+    v[i] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  if constexpr (R == 4) {  // the four blocks folded into each: lanes 0-3 (and 4k..4k+3) = rows 0-3
+    v[0] = op(v[0], _mm512_shuffle_f32x4(v[0], v[0], _MM_SHUFFLE(1, 0, 3, 2)));
+    return op(v[0], _mm512_shuffle_f32x4(v[0], v[0], _MM_SHUFFLE(2, 3, 0, 1)));
+  } else {  // blocks (0, 2) of one vector meet (1, 3), twice: block k = rows 4k..4k+3
+    for (int i = 0; i < 2; ++i)
+      v[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x88), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
+    return op(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+  }
+}
+
+// The online softmax of one step of R query rows (4 or 16) against J groups of 16 keys, the
+// scores s at S (R rows, lds floats apart; overwritten): S = scale·s (lanes past vis[r] masked to
+// -inf when `masked`), the rows' running max m and sum l updated, P = 2^(S - m) written as
+// bfloat16 to P + r·ldp, and alpha[r], the factor by which row r's O must be rescaled before
+// this step's P·V. A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
+// A positive scale is folded into the exponent's FMA (max(scale·s) = scale·max(s) exactly).
+// l adds the rounded P by vdpbf16ps against ones: the very products the bfloat16 P·V takes
+// (both read denormals as 0).
+template <int R, int J>
+NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scale, const int64_t* vis, bool masked,
                                                float* m, float* l, float* alpha, c10::BFloat16* P, int64_t ldp) {
-  // Branch-free, so that the rows' reductions and exponentials overlap. A row that has seen no
-  // key yet subtracts 0 instead of its max (-inf): its P is 0 and alpha 0 (O = 0).
+  // Branch-free across rows, so that their exponentials overlap. A row that has seen no key yet
+  // subtracts 0 instead of its max (-inf): its P is 0 and alpha 0 (O = 0).
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  float sub[kRows], shift[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    __m512 mx = _mm512_set1_ps(kNegInf);
+  const bool fold = scale > 0.f;
+  const __mmask16 rows = __mmask16((1u << R) - 1);
+  __m512 v[R];  // per row: the lanes' max, then the lanes' sum of P
+  for (int r = 0; r < R; ++r) {
+    v[r] = _mm512_set1_ps(kNegInf);
     for (int jj = 0; jj < J; ++jj) {
-      s[r][jj] = _mm512_mul_ps(s[r][jj], _mm512_set1_ps(scale));
+      float* sr = S + r * lds + 16 * jj;
+      __m512 x = _mm512_loadu_ps(sr);
+      if (!fold) x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
       if (masked) {
         const __mmask16 keep = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(int(std::clamp<int64_t>(vis[r] - 16 * jj, 0, 16))));
-        s[r][jj] = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), keep, s[r][jj]);
+        x = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), keep, x);
       }
-      mx = _mm512_max_ps(s[r][jj], mx);
+      if (masked || !fold) _mm512_storeu_ps(sr, x);
+      v[r] = _mm512_max_ps(x, v[r]);
     }
-    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
-    sub[r] = m_new == kNegInf ? 0.f : m_new;
-    shift[r] = m[r] - sub[r];  // <= 0, or -inf
-    m[r] = m_new;
   }
-  _mm512_mask_storeu_ps(alpha, (1u << kRows) - 1, exp2_le0(_mm512_maskz_loadu_ps((1u << kRows) - 1, shift)));
-  for (int r = 0; r < kRows; ++r) {
-    const __m512 mv = _mm512_set1_ps(sub[r]);
+  const __m512 m_old = _mm512_maskz_loadu_ps(rows, m), top = reduce_rows(v, MaxOp());
+  const __m512 m_new = _mm512_max_ps(m_old, fold ? _mm512_mul_ps(top, _mm512_set1_ps(scale)) : top);
+  const __m512 sub = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ), m_new);
+  const __m512 a = exp2_le0(_mm512_sub_ps(m_old, sub));  // m_old <= sub, or -inf: 0
+  _mm512_mask_storeu_ps(m, rows, m_new);
+  _mm512_mask_storeu_ps(alpha, rows, a);
+  alignas(64) float neg[16];
+  _mm512_store_ps(neg, _mm512_sub_ps(_mm512_setzero_ps(), sub));
+  const __m512 es = _mm512_set1_ps(fold ? scale : 1.f);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bfloat16 1.0
+  for (int r = 0; r < R; ++r) {
+    const float* sr = S + r * lds;
     c10::BFloat16* pr = P + r * ldp;
-    __m512 sum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(neg[r]);
+    v[r] = _mm512_setzero_ps();
     for (int jj = 0; jj < J; jj += 2) {
-      const __m512 e0 = exp2_le0(_mm512_sub_ps(s[r][jj], mv));
+      const __m512 e0 = exp2_le0(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj), es, mv));
+      __m512i pb;
       if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
-        const __m512 e1 = exp2_le0(_mm512_sub_ps(s[r][jj + 1], mv));
-        const __m512bh pb = _mm512_cvtne2ps_pbh(e1, e0);
-        _mm512_storeu_si512(pr + 16 * jj, (__m512i)pb);
-        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)pb)));
-        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)pb, 1)));
+        const __m512 e1 = exp2_le0(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj + 16), es, mv));
+        pb = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+        _mm512_storeu_si512(pr + 16 * jj, pb);
       } else {
-        const __m256bh pb = _mm512_cvtneps_pbh(e0);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), (__m256i)pb);
-        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pb));
+        const __m256i half = (__m256i)_mm512_cvtneps_pbh(e0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), half);
+        pb = _mm512_zextsi256_si512(half);
       }
+      v[r] = _mm512_dpbf16_ps(v[r], (__m512bh)pb, ones);
     }
-    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);  // the rounded weights: O / l divides by what was multiplied
   }
+  // the rounded weights: O / l divides by what was multiplied
+  _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l), a, reduce_rows(v, AddOp())));
 }
 
 // One step of kRows query rows against J groups of 16 keys, held in registers from the score
@@ -178,7 +222,10 @@ NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const ui
       for (int jj = 0; jj < J; ++jj) s[r][jj] = _mm512_dpbf16_ps(s[r][jj], q, k[jj]);
     }
   }
-  online_softmax<J>(s, scale, vis, masked, m, l, alpha, P, ldp);
+  alignas(64) float S[kRows][16 * J];
+  for (int r = 0; r < kRows; ++r)
+    for (int jj = 0; jj < J; ++jj) _mm512_store_ps(&S[r][16 * jj], s[r][jj]);
+  online_softmax<kRows, J>(&S[0][0], 16 * J, scale, vis, masked, m, l, alpha, P, ldp);
 }
 
 // O[r, 16·ff + t] = alpha[r]·O[r, 16·ff + t] + Σ_j2 Pp[r, j2]·Vp[j2, 16·ff + t] for r < R, ff < F.
@@ -414,18 +461,6 @@ NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_add(const float* T, const
   }
 }
 
-// online_softmax over S's 16 rows, 4 at a time; P: 16 rows of 64 bfloat16.
-NANOGPT_AVX512_BF16 __attribute__((noinline)) void amx_softmax(const float* S, float scale, const int64_t* vis,
-                                                                bool masked, float* m, float* l, float* alpha,
-                                                                c10::BFloat16* P) {
-  for (int64_t r = 0; r < kAmxRows; r += kRows) {
-    __m512 s[kRows][4];
-    for (int i = 0; i < kRows; ++i)
-      for (int jj = 0; jj < 4; ++jj) s[i][jj] = _mm512_loadu_ps(S + (r + i) * kAmxKeys + 16 * jj);
-    online_softmax<4>(s, scale, vis + r, masked, m + r, l + r, alpha + r, P + r * kAmxKeys, kAmxKeys);
-  }
-}
-
 void tiles_amx(const Problem& p) {
   // br: a multiple of 16 rows, not past the problem (rounded up); steps of 64 keys
   const int64_t br = round_up(std::min(p.br ? p.br : default_br(p.d), p.Nq), kAmxRows);
@@ -441,7 +476,8 @@ void tiles_amx(const Problem& p) {
       for (int64_t r0 = 0; r0 < rows_p; r0 += kAmxRows) {
         const bool masked = set_visible(w.vis, r0, r0 + kAmxRows, rows, diag, cols, kAmxKeys);
         amx_scores(w.Qp + r0 * dh, dh, k.Kp + j0 * dh, S);
-        amx_softmax(S, qscale, w.vis + r0, masked, w.m + r0, w.l + r0, w.alpha + r0, P);
+        online_softmax<kAmxRows, kAmxKeys / 16>(S, kAmxKeys, qscale, w.vis + r0, masked, w.m + r0, w.l + r0,
+                                                         w.alpha + r0, P, kAmxKeys);
         const int64_t pairs = round_up(cols, 32) / 2;  // keys past cols have P = 0: whole 32-key passes
         for (int64_t f = 0; f < dv / 16; f += 4) {
           const int nf = int(std::min<int64_t>(4, dv / 16 - f));
