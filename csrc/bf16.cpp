@@ -79,13 +79,25 @@ void pack_kv(const Problem& p, Packed& pk) {
       const c10::BFloat16* V = p.v.row<c10::BFloat16>(b, h, 0);
       auto kat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? K[j * p.k.sn + c] : zero; };
       auto vat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? V[j * p.v.sn + c] : zero; };
+      // Each packed row: its real pairs without bounds checks first, then the padding (odd d's
+      // last pair, pairs past d, keys past Nk) through kat and vat.
       uint32_t* kp = reinterpret_cast<uint32_t*>(pk.k.data_ptr<int32_t>()) + bh * Nkp * dh;
-      for (int64_t g = 0; g < Nkp / 16; ++g)  // Kp[g][c2][t] = (K[16g+t, 2c2], K[16g+t, 2c2+1])
-        for (int64_t c2 = 0; c2 < dh; ++c2)
-          for (int64_t t = 0; t < 16; ++t) kp[(g * dh + c2) * 16 + t] = pair(kat(16 * g + t, 2 * c2), kat(16 * g + t, 2 * c2 + 1));
+      for (int64_t j = 0; j < Nkp; ++j) {  // Kp[g][c2][t] = (K[16g+t, 2c2], K[16g+t, 2c2+1])
+        uint32_t* out = kp + j / 16 * dh * 16 + j % 16;
+        int64_t c2 = 0;
+        if (j < p.Nk)
+          for (const c10::BFloat16* row = K + j * p.k.sn; c2 < p.d / 2; ++c2) out[c2 * 16] = pair(row[2 * c2], row[2 * c2 + 1]);
+        for (; c2 < dh; ++c2) out[c2 * 16] = pair(kat(j, 2 * c2), kat(j, 2 * c2 + 1));
+      }
       uint32_t* vp = reinterpret_cast<uint32_t*>(pk.v.data_ptr<int32_t>()) + bh * Nkp / 2 * dv;
-      for (int64_t j2 = 0; j2 < Nkp / 2; ++j2)  // Vp[j2][c] = (V[2j2, c], V[2j2+1, c])
-        for (int64_t c = 0; c < dv; ++c) vp[j2 * dv + c] = pair(vat(2 * j2, c), vat(2 * j2 + 1, c));
+      for (int64_t j2 = 0; j2 < Nkp / 2; ++j2) {  // Vp[j2][c] = (V[2j2, c], V[2j2+1, c])
+        uint32_t* out = vp + j2 * dv;
+        int64_t c = 0;
+        if (2 * j2 + 1 < p.Nk)
+          for (const c10::BFloat16 *even = V + 2 * j2 * p.v.sn, *odd = even + p.v.sn; c < p.d; ++c)
+            out[c] = pair(even[c], odd[c]);
+        for (; c < dv; ++c) out[c] = pair(vat(2 * j2, c), vat(2 * j2 + 1, c));
+      }
     }
   });
 }
@@ -307,10 +319,13 @@ void tile_frame(const Problem& p, int64_t br, int64_t row_multiple, int64_t pair
     const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), kvh = b * Hk + h / p.k.group;
     const Block k{b, h, i0, rows, round_up(rows, row_multiple), p.key_end(i0 + rows - 1), dh, dv,
                   Kall + kvh * pk.Nkp * dh, Vall + kvh * pk.Nkp / 2 * dv};
-    for (int64_t r = 0; r < k.rows_p; ++r) {
+    for (int64_t r = 0; r < k.rows_p; ++r) {  // real pairs first, then the padding (as pack_kv)
       const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
       const auto at = [&](int64_t c) { return r < rows && c < p.d ? q[c] : c10::BFloat16(0.f); };
-      for (int64_t c2 = 0; c2 < dh; ++c2) w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
+      int64_t c2 = 0;
+      if (r < rows)
+        for (; c2 < p.d / 2; ++c2) w.Qp[r * dh + c2] = pair(q[2 * c2], q[2 * c2 + 1]);
+      for (; c2 < dh; ++c2) w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
     }
     std::fill(w.O, w.O + k.rows_p * dv, 0.f);
     std::fill(w.m, w.m + k.rows_p, kNegInf);
