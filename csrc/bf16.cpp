@@ -162,8 +162,7 @@ NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
 // bfloat16 to P + r·ldp, and alpha[r], the factor by which row r's O must be rescaled before
 // this step's P·V. A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
 // A positive scale is folded into the exponent's FMA (max(scale·s) = scale·max(s) exactly).
-// l adds the rounded P by vdpbf16ps against ones: the very products the bfloat16 P·V takes
-// (both read denormals as 0).
+// l adds the rounded P by vdpbf16ps against ones: exactly the weights the bfloat16 P·V takes.
 template <int R, int J>
 NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scale, const int64_t* vis, bool masked,
                                                float* m, float* l, float* alpha, c10::BFloat16* P, int64_t ldp) {

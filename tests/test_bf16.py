@@ -69,6 +69,14 @@ def test_flash_head_dims(ext, dot, d):
     check(ext, *bf16(*qkv(2, 2, 37, 41, d, seed=d)), "flash", causal=bool(d % 2))
 
 
+@pytest.mark.parametrize("scale", [0.05, 3.0, 0.0, -0.7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_scales(ext, dot, scale, causal):
+    """A positive scale is folded into the exponent (max(scale·s) = scale·max(s)); zero and
+    negative ones take the scores multiplied first."""
+    check(ext, *bf16(*qkv(1, 2, 70, 90, 24, seed=7)), "flash", causal, scale=scale)
+
+
 @pytest.mark.parametrize("br,bc", [(1, 1), (3, 17), (16, 16), (5, 96), (96, 48), (1000, 2000)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_tiles(ext, dot, br, bc, causal):
