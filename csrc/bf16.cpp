@@ -109,21 +109,23 @@ void pack_kv(const Problem& p, Packed& pk) {
 NANOGPT_AVX512_BF16 inline __m512bh load_bh(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 NANOGPT_AVX512_BF16 inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm512_set1_epi32(int(x)); }
 
-// 2^x for x <= 0 (or NaN): a degree-3 polynomial on the fraction, fitted to 2^f on [-0.5, 0.5]
-// for the least largest relative error (7.5e-5, about the degree-4 Taylor polynomial's 5.6e-5 and
-// far below the 2^-9 of the bfloat16 P it becomes), scaled by vscalefps. x < -125 (and -inf, a
-// masked key) gives exactly 0 by a mask, never by underflow: a result under 2^-126 costs a
-// microcode assist (some hundred cycles a vector on Intel cores without FTZ), which every masked
-// lane of a causal step paid when x was clamped to -200 instead. NaN stays NaN (vmaxps returns
-// its second operand on NaN; the unordered compare keeps the lane).
+// 2^x for x <= 0 (or NaN): a degree-3 polynomial on the fraction, 1 + f·(c1 + f·(c2 + f·c3)),
+// fitted to 2^f on [-0.5, 0.5] for the least largest relative error with 2^0 = 1 exact (1.0e-4,
+// far below the 2^-9 of the bfloat16 P it becomes; the degree-4 Taylor polynomial: 5.6e-5). The
+// exact 1 matters: a row whose max holds rescales its sum by 2^0 at every step, and the
+// log-sum-exp the backward reads would drift by the error at each. Scaled by vscalefps.
+// x < -125 (and -inf, a masked key) gives exactly 0 by a mask, never by underflow: a result
+// under 2^-126 costs a microcode assist (some hundred cycles a vector on Intel cores without
+// FTZ), which every masked lane of a causal step paid when x was clamped to -200 instead. NaN
+// stays NaN (vmaxps returns its second operand on NaN; the unordered compare keeps the lane).
 NANOGPT_AVX512_BF16 inline __m512 exp2_le0(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
   x = _mm512_max_ps(_mm512_set1_ps(-125.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.05517166493f), f, _mm512_set1_ps(0.2426111219f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609862f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999280736f));
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.05500893072f), f, _mm512_set1_ps(0.2422109594f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932829272f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(live, p, n);  // p·2^n >= 2^-125.5 where computed: normal
 }
 

@@ -127,6 +127,20 @@ def test_dtypes_must_match(ext):
         ext.attention(q.half(), k.half(), v.half())
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_over_many_steps(ext, dot, causal):
+    """The log-sum-exp the backward reads, after 64 key steps: each step rescales the running sum
+    by 2^(m_old - m_new), so an exponential that missed 2^0 = 1 would drift it step by step
+    (7e-5 a step did: 4.6e-3 here)."""
+    q, k, v = bf16(*qkv(1, 2, 16, 4096, 32, seed=11))
+    lse = torch.ops.nanogpt.attention_lse(q, k, v, "flash", causal, None, 0, 0, False)[1]
+    s = q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5
+    if causal:  # bottom-right: query i sees keys j <= i + Nk - Nq
+        s = s.masked_fill(torch.ones(16, 4096, dtype=torch.bool).triu(4096 - 16 + 1), float("-inf"))
+    err = (lse.double() - torch.logsumexp(s, -1)).abs().max().item()
+    assert err <= 1e-3, f"log-sum-exp off by {err:.3g}"
+
+
 @pytest.mark.parametrize("variant", ["naive", "flash"])
 @pytest.mark.parametrize("nq,nk", [(33, 33), (3, 40)])  # (3, 40): flash's forward on the decode path
 def test_training_in_bf16(ext, variant, nq, nk):
