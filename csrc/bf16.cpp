@@ -159,11 +159,12 @@ NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
 }
 
 // The online softmax of one step of R query rows (4 or 16) against J groups of 16 keys, the
-// scores s at S (R rows, lds floats apart; overwritten): S = scale·s (lanes past vis[r] masked to
-// -inf when `masked`), the rows' running max m and sum l updated, P = 2^(S - m) written as
-// bfloat16 to P + r·ldp, and alpha[r], the factor by which row r's O must be rescaled before
-// this step's P·V. A NaN score is skipped by the max but makes its P, and so its row's output, NaN.
-// A positive scale is folded into the exponent's FMA (max(scale·s) = scale·max(s) exactly).
+// scores s at S (R rows, lds floats apart; a scratch it may overwrite): lanes past vis[r] masked
+// to -inf when `masked`, the rows' running max m and sum l of 2^(scale·s) updated, P =
+// 2^(scale·s - m) written as bfloat16 to P + r·ldp, and alpha[r], the factor by which row r's O
+// must be rescaled before this step's P·V. A NaN score is skipped by the max but makes its P,
+// and so its row's output, NaN. A positive scale is folded into the exponent's FMA
+// (max(scale·s) = scale·max(s) exactly); another is multiplied in first.
 // l adds the rounded P by vdpbf16ps against ones: exactly the weights the bfloat16 P·V takes.
 template <int R, int J>
 NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scale, const int64_t* vis, bool masked,
@@ -222,8 +223,8 @@ NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scal
   _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l), a, reduce_rows(v, AddOp())));
 }
 
-// One step of kRows query rows against J groups of 16 keys, held in registers from the score
-// matmul, S = Q·Kᵀ, through online_softmax.
+// One step of kRows query rows against J groups of 16 keys: S = Q·Kᵀ in registers, stored to a
+// small stack array (L1) for online_softmax, which reads it twice (max, then exponentials).
 template <int J>
 NANOGPT_BF16_KERNEL void scores_softmax(const uint32_t* Qp, int64_t dh, const uint32_t* Kp, float scale,
                                         const int64_t* vis, bool masked, float* m, float* l, float* alpha,
@@ -405,7 +406,7 @@ void tiles_avx512bf16(const Problem& p) {
 // of Kp is a B tile of Q·Kᵀ (each row one feature pair of the 16 keys, 16 rows a tile: dh is
 // rounded up to 16), and 16 rows of Vp (32 keys) × 16 features a B tile of P·V. A step is 16
 // query rows × 64 keys, whatever bc asks for: S = Q·Kᵀ in four C tiles, stored to L1 and taken
-// by online_softmax 4 rows at a time (P to bfloat16, row-major: the A tiles of P·V as they are),
+// by online_softmax, all 16 rows at once (P to bfloat16, row-major: the A tiles of P·V as they are),
 // then P·V into up to four C tiles, added to O after its rescaling. Tile registers: 0-3 C, 4 A,
 // 5-7 B.
 
