@@ -66,37 +66,39 @@ Packed packing(const Problem& p, int64_t pair_multiple, int64_t key_multiple) {
   return {round_up((p.d + 1) / 2, pair_multiple), round_up(p.d, 16), round_up(p.Nk, key_multiple), {}, {}};
 }
 
-// K and V of every kv head packed into pk's shapes.
+// out[c2·stride] for c2 < dh: the feature pairs (x[2c2], x[2c2+1]) of a row of d values, zero
+// past d; x null (a padding row): all zero. Q's rows and K's (transposed, stride 16) go through it.
+NANOGPT_INLINE void pack_pairs(const c10::BFloat16* x, int64_t d, int64_t dh, uint32_t* out, int64_t stride) {
+  int64_t c2 = 0;
+  if (x) {
+    for (; c2 < d / 2; ++c2) out[c2 * stride] = pair(x[2 * c2], x[2 * c2 + 1]);
+    if (d % 2) out[c2++ * stride] = pair(x[d - 1], c10::BFloat16(0.f));
+  }
+  for (; c2 < dh; ++c2) out[c2 * stride] = 0;
+}
+
+// K and V of every kv head packed into pk's shapes; keys past Nk and features past d are zero.
 void pack_kv(const Problem& p, Packed& pk) {
   const int64_t Hk = p.H / p.k.group, dh = pk.dh, dv = pk.dv, Nkp = pk.Nkp;
   pk.k = at::empty({p.B * Hk, Nkp * dh}, at::kInt);
   pk.v = at::empty({p.B * Hk, Nkp / 2 * dv}, at::kInt);
-  const c10::BFloat16 zero(0.f);
   at::parallel_for(0, p.B * Hk, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / Hk, h = bh % Hk * p.k.group;  // a query head of kv head bh % Hk
-      const c10::BFloat16* K = p.k.row<c10::BFloat16>(b, h, 0);
-      const c10::BFloat16* V = p.v.row<c10::BFloat16>(b, h, 0);
-      auto kat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? K[j * p.k.sn + c] : zero; };
-      auto vat = [&](int64_t j, int64_t c) { return j < p.Nk && c < p.d ? V[j * p.v.sn + c] : zero; };
-      // Each packed row: its real pairs without bounds checks first, then the padding (odd d's
-      // last pair, pairs past d, keys past Nk) through kat and vat.
+      const auto key = [&](const View& t, int64_t j) { return j < p.Nk ? t.row<c10::BFloat16>(b, h, j) : nullptr; };
       uint32_t* kp = reinterpret_cast<uint32_t*>(pk.k.data_ptr<int32_t>()) + bh * Nkp * dh;
-      for (int64_t j = 0; j < Nkp; ++j) {  // Kp[g][c2][t] = (K[16g+t, 2c2], K[16g+t, 2c2+1])
-        uint32_t* out = kp + j / 16 * dh * 16 + j % 16;
-        int64_t c2 = 0;
-        if (j < p.Nk)
-          for (const c10::BFloat16* row = K + j * p.k.sn; c2 < p.d / 2; ++c2) out[c2 * 16] = pair(row[2 * c2], row[2 * c2 + 1]);
-        for (; c2 < dh; ++c2) out[c2 * 16] = pair(kat(j, 2 * c2), kat(j, 2 * c2 + 1));
-      }
+      for (int64_t j = 0; j < Nkp; ++j)  // Kp[g][c2][t] = (K[16g+t, 2c2], K[16g+t, 2c2+1])
+        pack_pairs(key(p.k, j), p.d, dh, kp + j / 16 * dh * 16 + j % 16, 16);
       uint32_t* vp = reinterpret_cast<uint32_t*>(pk.v.data_ptr<int32_t>()) + bh * Nkp / 2 * dv;
       for (int64_t j2 = 0; j2 < Nkp / 2; ++j2) {  // Vp[j2][c] = (V[2j2, c], V[2j2+1, c])
+        const c10::BFloat16 *even = key(p.v, 2 * j2), *odd = key(p.v, 2 * j2 + 1);
         uint32_t* out = vp + j2 * dv;
-        int64_t c = 0;
-        if (2 * j2 + 1 < p.Nk)
-          for (const c10::BFloat16 *even = V + 2 * j2 * p.v.sn, *odd = even + p.v.sn; c < p.d; ++c)
-            out[c] = pair(even[c], odd[c]);
-        for (; c < dv; ++c) out[c] = pair(vat(2 * j2, c), vat(2 * j2 + 1, c));
+        const int64_t n = even ? p.d : 0;
+        if (odd)
+          for (int64_t c = 0; c < n; ++c) out[c] = pair(even[c], odd[c]);
+        else
+          for (int64_t c = 0; c < n; ++c) out[c] = pair(even[c], c10::BFloat16(0.f));
+        std::fill(out + n, out + dv, 0u);
       }
     }
   });
@@ -325,14 +327,8 @@ void tile_frame(const Problem& p, int64_t br, int64_t row_multiple, int64_t pair
     const int64_t i0 = blk * br, rows = std::min(br, p.Nq - i0), kvh = b * Hk + h / p.k.group;
     const Block k{b, h, i0, rows, round_up(rows, row_multiple), p.key_end(i0 + rows - 1), dh, dv,
                   Kall + kvh * pk.Nkp * dh, Vall + kvh * pk.Nkp / 2 * dv};
-    for (int64_t r = 0; r < k.rows_p; ++r) {  // real pairs first, then the padding (as pack_kv)
-      const c10::BFloat16* q = p.q.row<c10::BFloat16>(b, h, i0 + std::min(r, rows - 1));
-      const auto at = [&](int64_t c) { return r < rows && c < p.d ? q[c] : c10::BFloat16(0.f); };
-      int64_t c2 = 0;
-      if (r < rows)
-        for (; c2 < p.d / 2; ++c2) w.Qp[r * dh + c2] = pair(q[2 * c2], q[2 * c2 + 1]);
-      for (; c2 < dh; ++c2) w.Qp[r * dh + c2] = pair(at(2 * c2), at(2 * c2 + 1));
-    }
+    for (int64_t r = 0; r < k.rows_p; ++r)
+      pack_pairs(r < rows ? p.q.row<c10::BFloat16>(b, h, i0 + r) : nullptr, p.d, dh, w.Qp + r * dh, 1);
     std::fill(w.O, w.O + k.rows_p * dv, 0.f);
     std::fill(w.m, w.m + k.rows_p, kNegInf);
     std::fill(w.l, w.l + k.rows_p, 0.f);
