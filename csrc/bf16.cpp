@@ -13,9 +13,8 @@
 //   O += P·V   lane = feature, pair = two adjacent keys. V is packed once per call and kv head
 //              as Vp[j/2][features] of key pairs (rows j and j+1 interleaved); P rounded to
 //              bfloat16 in row order already pairs adjacent keys: O[i, 16 features] += p_i[j:j+2]·Vp.
-// Scores, the running max and sum and O stay float32, as in SDPA's bfloat16 path. P is rounded
-// to bfloat16 for the second matmul and the sum l adds the rounded values, so O / l divides by
-// exactly the weights that were multiplied. Masking and the causal bookkeeping are flash.cpp's.
+// Scores, the running max and sum and O stay float32, as in SDPA's bfloat16 path; P is rounded
+// to bfloat16 for the second matmul. Masking and the causal bookkeeping are flash.cpp's.
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -116,19 +115,22 @@ NANOGPT_AVX512_BF16 inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm5
 // far below the 2^-9 of the bfloat16 P it becomes; the degree-4 Taylor polynomial: 5.6e-5). The
 // exact 1 matters: a row whose max holds rescales its sum by 2^0 at every step, and the
 // log-sum-exp the backward reads would drift by the error at each. Scaled by vscalefps.
-// x < -125 (and -inf, a masked key) gives exactly 0 by a mask, never by underflow: a result
-// under 2^-126 costs a microcode assist (some hundred cycles a vector on Intel cores without
-// FTZ), which every masked lane of a causal step paid when x was clamped to -200 instead. NaN
+// x is clamped at -125, never left to underflow: a result under 2^-126 costs a microcode assist
+// (some hundred cycles a vector on Intel cores without FTZ), which every masked lane of a causal
+// step paid when x was clamped to -200 instead. Zero: x < -125 (and -inf, a masked key) gives
+// exactly 0, by a mask; otherwise 2^-125, one compare fewer, for steps where every x is a score
+// less its row's finite max (a weight that small is lost in a sum that holds the max's 1). NaN
 // stays NaN (vmaxps returns its second operand on NaN; the unordered compare keeps the lane).
+template <bool Zero>
 NANOGPT_AVX512_BF16 inline __m512 exp2_le0(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+  const __mmask16 live = Zero ? _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ) : 0xffff;
   x = _mm512_max_ps(_mm512_set1_ps(-125.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.05500893072f), f, _mm512_set1_ps(0.2422109594f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932829272f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(live, p, n);  // p·2^n >= 2^-125.5 where computed: normal
+  return Zero ? _mm512_maskz_scalef_ps(live, p, n) : _mm512_scalef_ps(p, n);  // p·2^n >= 2^-125.5: normal
 }
 
 // Lane r of the result, for r < R (4 or 16): op (max or add) over the 16 lanes of v[r]. A
@@ -167,7 +169,10 @@ NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
 // must be rescaled before this step's P·V. A NaN score is skipped by the max but makes its P,
 // and so its row's output, NaN. A positive scale is folded into the exponent's FMA
 // (max(scale·s) = scale·max(s) exactly); another is multiplied in first.
-// l adds the rounded P by vdpbf16ps against ones: exactly the weights the bfloat16 P·V takes.
+// l adds P in float32, before it is rounded for P·V (whose weights then differ from l's terms by
+// the rounding: at most 2^-9 each, unbiased): one vaddps per 16 keys. A vdpbf16ps against ones
+// per 32 keys summed the rounded weights exactly; with it and the compare exp2_le0<true> spends
+// in unmasked steps, AMX calls took 2-9% longer (Sapphire Rapids, one and two threads, 2026-12-03).
 template <int R, int J>
 NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scale, const int64_t* vis, bool masked,
                                                float* m, float* l, float* alpha, c10::BFloat16* P, int64_t ldp) {
@@ -194,34 +199,36 @@ NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scal
   const __m512 m_old = _mm512_maskz_loadu_ps(rows, m), top = reduce_rows(v, MaxOp());
   const __m512 m_new = _mm512_max_ps(m_old, fold ? _mm512_mul_ps(top, _mm512_set1_ps(scale)) : top);
   const __m512 sub = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_NEQ_OQ), m_new);
-  const __m512 a = exp2_le0(_mm512_sub_ps(m_old, sub));  // m_old <= sub, or -inf: 0
+  const __m512 a = exp2_le0<true>(_mm512_sub_ps(m_old, sub));  // m_old <= sub, or -inf: 0
   _mm512_mask_storeu_ps(m, rows, m_new);
   _mm512_mask_storeu_ps(alpha, rows, a);
   alignas(64) float neg[16];
   _mm512_store_ps(neg, _mm512_sub_ps(_mm512_setzero_ps(), sub));
   const __m512 es = _mm512_set1_ps(fold ? scale : 1.f);
-  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bfloat16 1.0
-  for (int r = 0; r < R; ++r) {
-    const float* sr = S + r * lds;
-    c10::BFloat16* pr = P + r * ldp;
-    const __m512 mv = _mm512_set1_ps(neg[r]);
-    v[r] = _mm512_setzero_ps();
-    for (int jj = 0; jj < J; jj += 2) {
-      const __m512 e0 = exp2_le0(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj), es, mv));
-      __m512i pb;
-      if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
-        const __m512 e1 = exp2_le0(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj + 16), es, mv));
-        pb = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
-        _mm512_storeu_si512(pr + 16 * jj, pb);
-      } else {
-        const __m256i half = (__m256i)_mm512_cvtneps_pbh(e0);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), half);
-        pb = _mm512_zextsi256_si512(half);
+  const auto weights = [&](auto zero) {
+    for (int r = 0; r < R; ++r) {
+      const float* sr = S + r * lds;
+      c10::BFloat16* pr = P + r * ldp;
+      const __m512 mv = _mm512_set1_ps(neg[r]);
+      v[r] = _mm512_setzero_ps();
+      for (int jj = 0; jj < J; jj += 2) {
+        const __m512 e0 = exp2_le0<decltype(zero)::value>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj), es, mv));
+        if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
+          const __m512 e1 = exp2_le0<decltype(zero)::value>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj + 16), es, mv));
+          _mm512_storeu_si512(pr + 16 * jj, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+          v[r] = _mm512_add_ps(v[r], _mm512_add_ps(e0, e1));
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), (__m256i)_mm512_cvtneps_pbh(e0));
+          v[r] = _mm512_add_ps(v[r], e0);
+        }
       }
-      v[r] = _mm512_dpbf16_ps(v[r], (__m512bh)pb, ones);
     }
-  }
-  // the rounded weights: O / l divides by what was multiplied
+  };
+  // exact zeros where a lane is masked or a row's max is still -inf (its scores less 0)
+  if (masked || _mm512_mask_cmp_ps_mask(rows, m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ))
+    weights(std::true_type{});
+  else
+    weights(std::false_type{});
   _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l), a, reduce_rows(v, AddOp())));
 }
 

@@ -119,6 +119,23 @@ def test_large_scores_stay_finite(ext, dot):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("nk", [64, 70])  # 64: one whole (unmasked) step; 70: a masked one follows
+def test_row_of_minus_inf_scores(ext, dot, nk):
+    """A query whose every score is -inf gets a zero row, as in float32 and SDPA: its weights are
+    exactly 0 even in a step with no masked lane (where the exponential may round tiny ones up)."""
+    q, k, v = qkv(1, 2, 20, nk, 8, seed=4)  # 20 queries: the tiles, not the decode path
+    k[..., 0] = -k[..., 0].abs() - 1
+    q[0, 1, 5] = 0
+    q[0, 1, 5, 0] = float("inf")  # inf · (k's negative feature 0) = -inf for every key
+    q, k, v = bf16(q, k, v)
+    out = ext.attention(q, k, v)
+    assert (out[0, 1, 5] == 0).all()
+    others = torch.ones(2, 20, dtype=torch.bool)
+    others[1, 5] = False  # as the float32 kernel on the same values (check's bound)
+    f32 = ext.attention(q.float(), k.float(), v.float())
+    assert (out[0][others].float() - f32[0][others]).abs().max() <= 2 ** -7 * v.float().abs().max()
+
+
 def test_dtypes_must_match(ext):
     q, k, v = qkv(1, 1, 4, 4, 8)
     with pytest.raises(TypeError, match="k and v must have q's dtype"):
