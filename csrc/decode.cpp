@@ -274,6 +274,8 @@ inline void interleave_queries(const float* q, int64_t dq, int64_t nq, int d4, f
 }  // namespace
 
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc) {
+  TORCH_CHECK_VALUE(Nq >= 0, "flash_path: Nq must be >= 0, got ", Nq);
+  TORCH_CHECK_VALUE(br >= 0 && bc >= 0, "flash_path: br and bc must be >= 0 (0: the default), got ", br, " and ", bc);
   return Nq <= kDecodeRows && br == 0 && bc == 0 ? "decode" : "tiles";
 }
 

@@ -7,6 +7,14 @@ from nanogpt.reference import sdpa
 
 NAN, INF = float("nan"), float("inf")
 
+
+def every_score_minus_inf(q, k, v):
+    """Query 2 of head 1 scores -inf against every key: inf times k's feature 0, made negative."""
+    k[..., 0] = -k[..., 0].abs() - 1
+    q[0, 1, 2] = 0
+    q[0, 1, 2, 0] = INF
+
+
 CASES = {  # name: how to spoil (q, k, v), each (1, 2, N, 8)
     "nan in one q element": lambda q, k, v: q[0, 1, 3].__setitem__(0, NAN),
     "a q row of nan": lambda q, k, v: q[0, 0, 4].fill_(NAN),
@@ -15,6 +23,7 @@ CASES = {  # name: how to spoil (q, k, v), each (1, 2, N, 8)
     "nan in one k element": lambda q, k, v: k[0, 1, 6].__setitem__(1, NAN),
     "+inf in one k element": lambda q, k, v: k[0, 0, 2].__setitem__(0, INF),
     "a k row of -inf": lambda q, k, v: k[0, 1, 3].fill_(-INF),
+    "every score of a query -inf": every_score_minus_inf,
     "nan in v's last row": lambda q, k, v: v[0, 0, -1].__setitem__(3, NAN),
     "+inf in v's first row": lambda q, k, v: v[0, 1, 0].__setitem__(0, INF),
 }
