@@ -112,7 +112,7 @@ NANOGPT_AVX512_BF16 inline __m512bh bcast_bh(uint32_t x) { return (__m512bh)_mm5
 
 // 2^x for x <= 0 (or NaN): a degree-3 polynomial on the fraction, 1 + f·(c1 + f·(c2 + f·c3)),
 // fitted to 2^f on [-0.5, 0.5] for the least largest relative error with 2^0 = 1 exact (1.0e-4,
-// far below the 2^-9 of the bfloat16 P it becomes; the degree-4 Taylor polynomial: 5.6e-5). The
+// far below the 2^-8 of the bfloat16 P it becomes; the degree-4 Taylor polynomial: 5.6e-5). The
 // exact 1 matters: a row whose max holds rescales its sum by 2^0 at every step, and the
 // log-sum-exp the backward reads would drift by the error at each. Scaled by vscalefps.
 // x is clamped at -125, never left to underflow: a result under 2^-126 costs a microcode assist
@@ -170,9 +170,8 @@ NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
 // and so its row's output, NaN. A positive scale is folded into the exponent's FMA
 // (max(scale·s) = scale·max(s) exactly); another is multiplied in first.
 // l adds P in float32, before it is rounded for P·V (whose weights then differ from l's terms by
-// the rounding: at most 2^-9 each, unbiased): one vaddps per 16 keys. A vdpbf16ps against ones
-// per 32 keys summed the rounded weights exactly; with it and the compare exp2_le0<true> spends
-// in unmasked steps, AMX calls took 2-9% longer (Sapphire Rapids, one and two threads, 2026-12-03).
+// the rounding: at most 2^-8 each, unbiased): one vaddps per 16 keys, cheaper than summing the
+// rounded weights by a vdpbf16ps against ones per 32 (README, bfloat16 attention).
 template <int R, int J>
 NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scale, const int64_t* vis, bool masked,
                                                float* m, float* l, float* alpha, c10::BFloat16* P, int64_t ldp) {

@@ -12,7 +12,7 @@ def test_the_path_is_a_dispatch_decision(ext):
     assert [path(nq, 0, 0) for nq in (1, 4, 8)] == ["decode"] * 3
     assert path(9, 0, 0) == "tiles"
     assert path(1, 16, 0) == path(1, 0, 16) == "tiles"  # asked-for tiles are honoured
-    for args, name in [((-1, 0, 0), "Nq"), ((1, -16, 0), "br"), ((1, 0, -1), "bc")]:
+    for args, name in [((-1, 0, 0), "Nq"), ((1, -16, 0), "br must"), ((1, 0, -1), "bc must")]:
         with pytest.raises(ValueError, match=name):
             path(*args)
 
