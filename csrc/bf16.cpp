@@ -162,6 +162,30 @@ NANOGPT_AVX512_BF16 inline __m512 reduce_rows(__m512 (&v)[R], Op op) {
   }
 }
 
+// P[r, :16·J] = 2^(es·S[r, :16·J] + neg[r]) as bfloat16 for R rows (lds and ldp apart), and
+// v[r] the lanes' float32 sums of those weights (online_softmax's second pass).
+template <int R, int J, bool Zero>
+NANOGPT_AVX512_BF16 inline void softmax_weights(const float* S, int64_t lds, const float* neg, __m512 es,
+                                                c10::BFloat16* P, int64_t ldp, __m512 (&v)[R]) {
+  for (int r = 0; r < R; ++r) {
+    const float* sr = S + r * lds;
+    c10::BFloat16* pr = P + r * ldp;
+    const __m512 mv = _mm512_set1_ps(neg[r]);
+    v[r] = _mm512_setzero_ps();
+    for (int jj = 0; jj < J; jj += 2) {
+      const __m512 e0 = exp2_le0<Zero>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj), es, mv));
+      if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
+        const __m512 e1 = exp2_le0<Zero>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj + 16), es, mv));
+        _mm512_storeu_si512(pr + 16 * jj, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        v[r] = _mm512_add_ps(v[r], _mm512_add_ps(e0, e1));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), (__m256i)_mm512_cvtneps_pbh(e0));
+        v[r] = _mm512_add_ps(v[r], e0);
+      }
+    }
+  }
+}
+
 // The online softmax of one step of R query rows (4 or 16) against J groups of 16 keys, the
 // scores s at S (R rows, lds floats apart; a scratch it may overwrite): lanes past vis[r] masked
 // to -inf when `masked`, the rows' running max m and sum l of 2^(scale·s) updated, P =
@@ -204,30 +228,11 @@ NANOGPT_AVX512_BF16 inline void online_softmax(float* S, int64_t lds, float scal
   alignas(64) float neg[16];
   _mm512_store_ps(neg, _mm512_sub_ps(_mm512_setzero_ps(), sub));
   const __m512 es = _mm512_set1_ps(fold ? scale : 1.f);
-  const auto weights = [&](auto zero) {
-    for (int r = 0; r < R; ++r) {
-      const float* sr = S + r * lds;
-      c10::BFloat16* pr = P + r * ldp;
-      const __m512 mv = _mm512_set1_ps(neg[r]);
-      v[r] = _mm512_setzero_ps();
-      for (int jj = 0; jj < J; jj += 2) {
-        const __m512 e0 = exp2_le0<decltype(zero)::value>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj), es, mv));
-        if (jj + 1 < J) {  // 32 keys: two vectors rounded into one (the second argument fills the low half)
-          const __m512 e1 = exp2_le0<decltype(zero)::value>(_mm512_fmadd_ps(_mm512_loadu_ps(sr + 16 * jj + 16), es, mv));
-          _mm512_storeu_si512(pr + 16 * jj, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-          v[r] = _mm512_add_ps(v[r], _mm512_add_ps(e0, e1));
-        } else {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * jj), (__m256i)_mm512_cvtneps_pbh(e0));
-          v[r] = _mm512_add_ps(v[r], e0);
-        }
-      }
-    }
-  };
   // exact zeros where a lane is masked or a row's max is still -inf (its scores less 0)
   if (masked || _mm512_mask_cmp_ps_mask(rows, m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ))
-    weights(std::true_type{});
+    softmax_weights<R, J, true>(S, lds, neg, es, P, ldp, v);
   else
-    weights(std::false_type{});
+    softmax_weights<R, J, false>(S, lds, neg, es, P, ldp, v);
   _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rows, l), a, reduce_rows(v, AddOp())));
 }
 
