@@ -5,7 +5,10 @@ next to the module it built (SPEC_FILE), and nanogpt.build_info() reads it back 
 
 ispc is looked for in $ISPC, on PATH, then in the project's .ispc/ (scripts/install_ispc.sh).
 NANOGPT_ISPC=0 forces the C++-only build (the twin kernels), NANOGPT_SANITIZE=1 a build with
-AddressSanitizer and UBSan; each lives in its own build folder, so all stay cached side by side.
+AddressSanitizer and UBSan, NANOGPT_MARCH=haswell (say) a build for another CPU than this one's
+-march=native (CI builds for AVX2 on an AVX-512 host: the kernels' AVX2 paths, and a check that
+nothing AVX-512 escapes a runtime-dispatched function); each lives in its own build folder, so
+all stay cached side by side.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ISPC_SRC = ROOT / "ispc"
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # and -march (march())
 LD_FLAGS = ["-fopenmp"]
 ISPC_TARGETS = ("avx2-i32x8", "avx512skx-x16")
 SPEC_FILE = "_build_spec.json"  # written next to the built module
@@ -112,6 +115,14 @@ def build_root() -> Path:
     return Path(os.environ.get("NANOGPT_BUILD_DIR", default))
 
 
+def march() -> str:
+    """The -march the C++ is built for: NANOGPT_MARCH, else native."""
+    arch = os.environ.get("NANOGPT_MARCH", "native")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", arch):
+        raise ValueError(f"NANOGPT_MARCH must be a GCC -march name such as haswell, got {arch!r}")
+    return arch
+
+
 def sanitize_flags() -> list[str]:
     """NANOGPT_SANITIZE=1 builds with AddressSanitizer and UBSan (scripts/sanitize.sh runs the
     tests that way); any report aborts the process."""
@@ -161,7 +172,8 @@ def build_spec(ispc: str | None, ispc_dir: Path, build: str) -> dict:
     flags, and with ispc its objects (compiled here, under their lock), version and targets.
     `build` says which build it is ("jit" or "installed")."""
     sanitize = sanitize_flags()
-    spec = {"build": build, "sources": sources(), "cxx_flags": CXX_FLAGS + sanitize, "ld_flags": LD_FLAGS + sanitize,
+    spec = {"build": build, "sources": sources(), "cxx_flags": [*CXX_FLAGS, f"-march={march()}", *sanitize],
+            "ld_flags": LD_FLAGS + sanitize,
             "include_dirs": [], "objects": [], "sanitize": bool(sanitize), "ispc": None}
     if ispc:
         objects, header_dir = compile_ispc(ispc, ispc_dir)
@@ -189,7 +201,9 @@ def read_spec(module) -> dict:
 def load(verbose: bool = False):
     """Builds (first time: about a minute) or loads (about a second) the JIT extension."""
     ispc = find_ispc()
-    name = "nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize_flags() else "") + "_" + cpu_key()
+    arch = march()
+    name = ("nanogpt_ext" + ("" if ispc else "_cpp") + ("_sanitize" if sanitize_flags() else "")
+            + ("" if arch == "native" else "_" + arch.replace(".", "_").replace("-", "_")) + "_" + cpu_key())
     folder = build_root() / name
 
     def prepare() -> dict:  # under locked_jit's lock

@@ -94,7 +94,22 @@ def test_build_info_reads_the_build_spec(ext):
     assert spec["sources"] == _build.sources()
     assert info["cxx_flags"] == " ".join(spec["cxx_flags"])
     assert spec["sanitize"] == bool(_build.sanitize_flags()) == info.get("sanitize", False)
+    assert f"-march={_build.march()}" in spec["cxx_flags"]
+    if _build.march() == "haswell":  # CI's AVX2 build
+        assert info["cxx_simd"] == "avx2"
     assert (spec["ispc"] is not None) == (info["tile_kernel"] == "ispc")
     if spec["ispc"]:
         assert spec["ispc"]["version"].startswith(info["ispc_version"])  # 1.26.0 and the binary's 1.26
         assert all(Path(o).exists() for o in spec["objects"])
+
+
+def test_march_names_a_cpu(monkeypatch):
+    """NANOGPT_MARCH (CI's AVX2 build on an AVX-512 host) takes a GCC -march name, nothing else."""
+    from nanogpt import _build
+
+    monkeypatch.setenv("NANOGPT_MARCH", "haswell")
+    assert _build.march() == "haswell"
+    assert "-march=haswell" in _build.build_spec(None, Path("unused"), "jit")["cxx_flags"]
+    monkeypatch.setenv("NANOGPT_MARCH", "native -O0")
+    with pytest.raises(ValueError, match="NANOGPT_MARCH"):
+        _build.march()
