@@ -93,10 +93,7 @@ void pack_kv(const Problem& p, Packed& pk) {
         const c10::BFloat16 *even = key(p.v, 2 * j2), *odd = key(p.v, 2 * j2 + 1);
         uint32_t* out = vp + j2 * dv;
         const int64_t n = even ? p.d : 0;
-        if (odd)
-          for (int64_t c = 0; c < n; ++c) out[c] = pair(even[c], odd[c]);
-        else
-          for (int64_t c = 0; c < n; ++c) out[c] = pair(even[c], c10::BFloat16(0.f));
+        for (int64_t c = 0; c < n; ++c) out[c] = pair(even[c], odd ? odd[c] : c10::BFloat16(0.f));  // odd: loop-invariant
         std::fill(out + n, out + dv, 0u);
       }
     }

@@ -274,9 +274,6 @@ inline void interleave_queries(const float* q, int64_t dq, int64_t nq, int d4, f
 }  // namespace
 
 const char* flash_path(int64_t Nq, int64_t br, int64_t bc) {
-  TORCH_CHECK_VALUE(Nq >= 0, "flash_path: Nq must be >= 0, got ", Nq);
-  TORCH_CHECK_VALUE(br >= 0, "flash_path: br must be a positive tile height (or 0 for the default), got ", br);
-  TORCH_CHECK_VALUE(bc >= 0, "flash_path: bc must be a positive tile width (or 0 for the default), got ", bc);
   return Nq <= kDecodeRows && br == 0 && bc == 0 ? "decode" : "tiles";
 }
 

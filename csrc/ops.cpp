@@ -57,6 +57,11 @@ View view_of(const at::Tensor& t, at::Tensor& keep) {
   return View{keep.data_ptr(), keep.stride(0), keep.stride(1), keep.stride(2)};
 }
 
+void check_tiles(int64_t br, int64_t bc) {
+  TORCH_CHECK_VALUE(br >= 0, "br must be a positive tile height (or 0 for the default), got ", br);
+  TORCH_CHECK_VALUE(bc >= 0, "bc must be a positive tile width (or 0 for the default), got ", bc);
+}
+
 // The checks every op makes (each message names the argument), then the Problem without o and
 // lse. keep[] holds copies of inputs whose last dimension is strided.
 Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -82,8 +87,7 @@ Problem checked_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k ", k.sizes(), ", got ", v.sizes());
   var = find_variant(std::string(variant));
   TORCH_CHECK_VALUE(var != nullptr, "variant must be one of ", variant_names(), "; got '", variant, "'");
-  TORCH_CHECK_VALUE(br >= 0, "br must be a positive tile height (or 0 for the default), got ", br);
-  TORCH_CHECK_VALUE(bc >= 0, "bc must be a positive tile width (or 0 for the default), got ", bc);
+  check_tiles(br, bc);
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(double(std::max<int64_t>(d, 1)));
   TORCH_CHECK_VALUE(std::isfinite(float(s)), "scale must be a finite number (as a float32), got ", s);
   Problem p{view_of(q, keep[0]), view_of(k, keep[1]), view_of(v, keep[2]), View{},
@@ -226,7 +230,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("default_tiles", &flash_default_tiles, "flash's default (Br, Bc) for (Nq, Nk, d) on this host");
   m.def("model_tiles", &flash_model_tiles, "flash's (Br, Bc) for (Nq, d) from the model of the cache sizes");
   m.def("set_tuned_tiles", &set_tuned_tiles, "flash's tiles measured on this CPU: [(d_max, br, bc)]; [] for the model");
-  m.def("flash_path", &flash_path, "flash's code path for an inference call (Nq, br, bc): 'decode' or 'tiles' (a float32 forward for training takes the tiles)");
+  m.def("flash_path", [](int64_t Nq, int64_t br, int64_t bc) {
+    TORCH_CHECK_VALUE(Nq >= 0, "Nq must be >= 0, got ", Nq);
+    check_tiles(br, bc);
+    return flash_path(Nq, br, bc);
+  }, "flash's code path for an inference call (Nq, br, bc): 'decode' or 'tiles' (a float32 forward for training takes the tiles)");
   m.def("set_bf16_amx", &set_bf16_amx, "False: bfloat16 flash tiles never on AMX (tests); True: where the CPU has it");
   m.def("set_bf16_dot", &set_bf16_dot, pybind11::arg("on") = pybind11::none(),
         "bfloat16 flash tiles on vdpbf16ps: None (default) where it outruns the FMA, True wherever the CPU has it, "
