@@ -17,7 +17,7 @@ import time
 import torch
 
 import nanogpt
-from nanogpt.host import LoadWatch, format_host, host_info
+from nanogpt.host import LoadWatch, format_host, host_info, measure_peak, peak_drift
 from nanogpt.reference import attention_reference, causal_mask, compare_to_sdpa, sdpa
 
 BENCH_SHAPES = [(1, 4, n, 32) for n in (1024, 2048, 4096, 8192)] + [(1, 12, 1024, 64)]  # (B, H, N, d)
@@ -158,11 +158,12 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
     sgemm = interleaved_medians({"sgemm": lambda: a @ b}, repeat)["sgemm"]
     print(f"all match. this machine's square sgemm (torch a @ b, 2048³): {2 * 2048**3 / sgemm / 1e9:.0f} GFLOP/s")
     print(f"timing: median of {repeat}, every variant interleaved with SDPA in one loop\n")
-    peak_name, peak = "FMA peak", host_info()["fma_peak_gflops"]
+    peak_name, peak_key = "FMA peak", "fma_peak_gflops"
     if dtype == torch.bfloat16 and nanogpt.build_info()["bf16_amx"]:  # flash's bfloat16 path: AMX,
-        peak_name, peak = "AMX bf16 peak (TDPBF16PS)", host_info()["amx_peak_gflops"]
+        peak_name, peak_key = "AMX bf16 peak (TDPBF16PS)", "amx_peak_gflops"
     elif dtype == torch.bfloat16 and nanogpt.build_info()["bf16_dot"]:  # vdpbf16ps, or float32 copies
-        peak_name, peak = "bf16 dot peak (vdpbf16ps)", host_info()["bf16_peak_gflops"]
+        peak_name, peak_key = "bf16 dot peak (vdpbf16ps)", "bf16_peak_gflops"
+    peak = host_info()[peak_key]
     title = (f"{'shape':<22}{'causal':<8}{'variant':<9}{'ms':>10}{'GFLOP/s':>10}{'%peak':>7}{'xSDPA':>8}"
              f"{'xnaive':>8}  load")
     print(title)
@@ -189,13 +190,17 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
                       f"  {'BUSY' if load.busy else 'quiet'}")
     print(f"\n%peak: the row's useful GFLOP/s as a share of this host's measured {peak_name} "
           f"({peak:.0f} GFLOP/s on {host_info()['threads']} threads)")
+    peak_after = measure_peak(peak_key, host_info()["threads"])
+    drift = peak_drift(peak_name, peak, peak_after)
+    if drift:
+        print(drift)
     if busy:
         print("rows marked BUSY were timed while other processes competed for the CPUs; do not trust them:")
         for line in busy:
             print("  " + line)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"host": host_info(), "build": nanogpt.build_info(), "repeat": repeat, "dtype": str(dtype),
+            json.dump({"host": host_info(), f"{peak_key}_after": peak_after, "build": nanogpt.build_info(), "repeat": repeat, "dtype": str(dtype),
                        "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9, "rows": rows}, f, indent=1)
         print(f"\nsaved {json_path}")
     return True

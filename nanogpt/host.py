@@ -45,20 +45,41 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return "unknown CPU"
 
 
+PEAKS = {"fma_peak_gflops": "fma_peak_gflops", "bf16_peak_gflops": "bf16_dot_peak_gflops",
+         "amx_peak_gflops": "amx_peak_gflops"}  # host_info's key: the extension's measuring function
+PEAK_DRIFT = 0.15  # peaks measured before and after a run that differ by more: the host's speed moved
+
+
+def measure_peak(key: str, threads: int, seconds: float = 0.3) -> float:
+    """One of host_info's peaks (a key of PEAKS) measured now, not cached: what the same CPUs
+    reach on independent chains of the instruction (csrc/peak.cpp); 0 where the CPU lacks it."""
+    import nanogpt
+
+    return getattr(nanogpt.extension(), PEAKS[key])(threads, seconds)
+
+
 @functools.lru_cache(maxsize=None)
 def host_info(threads: int | None = None, seconds: float = 0.3) -> dict:
     """{cpu, simd, threads, fma_peak_gflops, bf16_peak_gflops (0 without AVX-512 BF16),
     amx_peak_gflops (0 without AMX)}: measured once per process (about `seconds` each), with
-    torch's thread count unless given. A peak is what the same CPUs reach on independent chains
-    of the instruction (csrc/peak.cpp): the ceiling every GFLOP/s figure is a share of."""
+    torch's thread count unless given. A peak is the ceiling every GFLOP/s figure is a share of."""
     import nanogpt
 
     threads = threads or torch.get_num_threads()
-    ext = nanogpt.extension()
-    return {"cpu": cpu_model(), "simd": ext.compiled_info().get("cxx_simd", "?"), "threads": threads,
-            "fma_peak_gflops": ext.fma_peak_gflops(threads, seconds),
-            "bf16_peak_gflops": ext.bf16_dot_peak_gflops(threads, seconds),
-            "amx_peak_gflops": ext.amx_peak_gflops(threads, seconds)}
+    return {"cpu": cpu_model(), "simd": nanogpt.extension().compiled_info().get("cxx_simd", "?"),
+            "threads": threads, **{key: measure_peak(key, threads, seconds) for key in PEAKS}}
+
+
+def peak_drift(name: str, before: float, after: float) -> str | None:
+    """A warning when a peak measured before a run (`before`, GFLOP/s) and again after it differ
+    by more than PEAK_DRIFT, else None. This machine kind shares its cores: the same host has
+    measured half its FMA peak for minutes and then the whole of it again, and a row timed in
+    one phase then looks twice as good a share of a peak measured in the other."""
+    if max(before, after) <= 0 or abs(after - before) <= PEAK_DRIFT * max(before, after):
+        return None
+    return (f"the host's speed changed during this run: its {name} measured {before:.0f} GFLOP/s before "
+            f"the timings and {after:.0f} after, so %peak is only as good as that; compare rows by "
+            "xSDPA (timed in the same loop)")
 
 
 def format_host(info: dict) -> str:

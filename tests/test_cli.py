@@ -275,6 +275,15 @@ def test_host_info(ext):
     assert ("AMX bf16 peak" in host.format_host(info)) == has_amx
 
 
+@pytest.mark.parametrize("before,after,warns", [(232, 445, True), (445, 232, True), (440, 445, False),
+                                                (400, 345, False), (0, 0, False)])
+def test_peak_drift(before, after, warns):
+    line = host.peak_drift("bf16 dot peak", before, after)
+    assert (line is not None) == warns
+    if warns:
+        assert f"{before} GFLOP/s before" in line and f"{after} after" in line and "bf16 dot peak" in line
+
+
 @pytest.mark.parametrize("peak", ["fma_peak_gflops", "bf16_dot_peak_gflops", "amx_peak_gflops"])
 @pytest.mark.parametrize("threads,seconds,match", [(0, 0.1, "threads"), (2, 0.0, "seconds"), (1, 11.0, "seconds")])
 def test_peaks_check_arguments(ext, peak, threads, seconds, match):
