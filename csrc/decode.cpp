@@ -8,7 +8,8 @@
 // the head's queries, the span's max m, sum l = Σ 2^(s - m) and unnormalised O = Σ 2^(s - m)·v;
 // the spans are then merged exactly (log-sum-exp). The span length depends on nothing but the
 // constant, so a query's result is the same for any thread count, batch or head count, and any
-// number of queries from 2 to kDecodeRows in the call; one float32 query alone sums its dot
+// number of queries in the call from 3 to kDecodeRows (2 on AVX2; 1 where every query takes
+// dot_rows: a bfloat16 cache, or d > 64 on AVX-512). Fewer float32 queries sum their dot
 // products in another order (dot_rows), as the tile path does for more queries: the same within
 // float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
 // bfloat16 (widened as they are read, whole vectors two at a time: simd.h's wload_pairs; a
@@ -325,9 +326,13 @@ void decode(const Problem& p) {
     // Several float32 queries take their scores in groups of kQG (dot_rows_group, the last group
     // padded with zero queries whose scores go to `spare`); one query, or a bfloat16 cache, by
     // dot_rows. A group's shuffles are fewer per query, but for one query it wastes three
-    // quarters of its FMAs: measured slower at d >= 64.
+    // quarters of its FMAs: measured slower at d >= 64. On AVX-512, where dot_rows keeps q in
+    // registers up to d = 128, dot_rows query by query also beat the groups for 2 queries at
+    // d = 32–64 (1.12–1.27×) and for 2–8 queries at d = 80–128 (1.10–1.20×), not for 4–8 queries
+    // at d = 32–64 (0.87–1.02×; a Zen 4, one process, order rotated).
     constexpr bool kFloat = std::is_same_v<T, float>;
-    const int64_t groups = kFloat && nq > 1 ? (nq + kQG - 1) / kQG : 0;
+    const bool grouped = kFloat && (kW == 16 ? nq > 2 && d <= 4 * kW : nq > 1);
+    const int64_t groups = grouped ? (nq + kQG - 1) / kQG : 0;
     const int d4 = (d + 3) / 4;
     float* spare = scores + nq * kSplitKeys;
     float* X = spare + kSplitKeys;  // groups × d4 vectors of kW floats: dot_rows_group's X
