@@ -6,6 +6,7 @@
 // GCC spills an array of two-register vectors to the stack.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 
@@ -129,20 +130,23 @@ double bf16_dot_peak_gflops(int64_t threads, double seconds) {
 }
 
 // Whether vdpbf16ps does more multiply-adds per second than the FMA on this CPU, by a margin
-// (1.25×) that noise does not cross: one thread, 2 ms of each, measured once. It does twice as
-// many on a Zen 4 (both run as two 256-bit halves, and a vdpbf16ps does two multiply-adds per
-// lane), but fewer than the FMA on the Sapphire Rapids host seen (243 against 529 GFLOP/s), where
-// the bfloat16 flash tiles on it ran at 0.7× the float32 kernel on widened copies.
+// (1.25×) that noise does not cross: one thread, the best of five alternating 0.5 ms runs of
+// each, measured once (a host of this machine kind ran at half speed for minutes at a time, so
+// one run of each could be timed in different phases). It does twice as many on a Zen 4 (both
+// run as two 256-bit halves, and a vdpbf16ps does two multiply-adds per lane), but fewer than the
+// FMA on the Sapphire Rapids host seen (243 against 529 GFLOP/s), where the bfloat16 flash tiles
+// on it ran at 0.7× the float32 kernel on widened copies.
 bool bf16_dot_outruns_fma() {
   static const bool faster = [] {
     if (!cpu_has_avx512_bf16()) return false;
     float sink = 0.f;
     const auto rate = [&](int64_t (*chains)(double, float*)) {
       const auto start = std::chrono::steady_clock::now();
-      const int64_t mads = chains(0.002, &sink);
+      const int64_t mads = chains(0.0005, &sink);
       return double(mads) / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     };
-    const double fma = rate(fma_chains), dot = rate(bf16_dot_chains);
+    double fma = 0, dot = 0;
+    for (int i = 0; i < 5; ++i) fma = std::max(fma, rate(fma_chains)), dot = std::max(dot, rate(bf16_dot_chains));
     return dot > 1.25 * fma;
   }();
   return faster;
