@@ -200,8 +200,9 @@ def bench(shapes=BENCH_SHAPES, causals=(False, True), variants=None, repeat=7, j
             print("  " + line)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"host": host_info(), f"{peak_key}_after": peak_after, "build": nanogpt.build_info(), "repeat": repeat, "dtype": str(dtype),
-                       "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9, "rows": rows}, f, indent=1)
+            json.dump({"host": host_info(), f"{peak_key}_after": peak_after, "build": nanogpt.build_info(),
+                       "repeat": repeat, "dtype": str(dtype), "sgemm_gflops": 2 * 2048**3 / sgemm / 1e9,
+                       "rows": rows}, f, indent=1)
         print(f"\nsaved {json_path}")
     return True
 
