@@ -66,13 +66,18 @@ def test_a_query_does_not_depend_on_its_call(ext, d, dtype):
     chosen per call). One or two float32 queries take the one-query dot products (on AVX2 one
     only), which sum in another order: the same within float32 rounding; a bfloat16 cache takes
     them in any company, as float32 heads of d > 64 do on AVX-512."""
+    wide = ext.build_info()["cxx_simd"] == "avx512"
+
+    def own_order(n):  # n float32 queries take the one-query dot products (csrc/decode.cpp)
+        return n == 1 or (wide and (n == 2 or d > 64))
+
     g = torch.Generator().manual_seed(5 + d)
     q = torch.randn(2, 3, 8, d, generator=g).to(dtype)
     k, v = (x.to(dtype) for x in cache_views(2, 3, 2100, d, g))
     full = ext.attention(q, k, v, causal=True)
     for i in range(8):  # causal: a suffix of the queries keeps each one's keys
-        alone = i >= 6 and dtype == torch.float32
-        tol = dict(rtol=2e-6, atol=2e-6) if alone else dict(rtol=0, atol=0)
+        other_order = dtype == torch.float32 and own_order(8 - i) != own_order(8)
+        tol = dict(rtol=2e-6, atol=2e-6) if other_order else dict(rtol=0, atol=0)
         torch.testing.assert_close(ext.attention(q[:, :, i:], k, v, causal=True), full[:, :, i:], **tol)
     torch.testing.assert_close(ext.attention(q[1:, 2:], k[1:, 2:], v[1:, 2:], causal=True), full[1:, 2:], rtol=0, atol=0)
     before = torch.get_num_threads()
