@@ -123,6 +123,11 @@ bool has_bf16_dot();  // the bfloat16 tiles run on vdpbf16ps
 // never (tests run both paths on any CPU with AVX-512 BF16)
 void set_bf16_dot(std::optional<bool> on);
 bool bf16_dot_outruns_fma();  // peak.cpp: measured once
+// The decode path's scores on vdpbf16ps, where has_bf16_dot(): s[j] = scale·Σ_c q[c]·K[j, c] for
+// j < n, q and K's rows (ldk apart) bfloat16 with d <= kBf16DotMaxD elements.
+constexpr int kBf16DotMaxD = 128;
+void dot_rows_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* K, int64_t ldk, int d, float scale, float* s,
+                       int64_t n);
 bool has_bf16_amx();          // before either: the bfloat16 tiles run on AMX (where the CPU has it)
 void set_bf16_amx(bool on);   // false: never (tests run the other paths on an AMX CPU)
 // Runs a float32 kernel on a bfloat16 Problem: q, k, v converted to float32 copies, the output

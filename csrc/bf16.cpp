@@ -515,7 +515,62 @@ void tiles_amx(const Problem& p) {
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// The decode path's scores (decode.cpp) on vdpbf16ps: one query against a span of keys, read in
+// place. A row of K is NV vectors of 32 features; each vdpbf16ps takes 32 of one key's products
+// (16 lanes of feature pairs), so a key's dot product is NV instructions into one vector of 16
+// partial sums, and 16 keys' vectors are reduced at once by reduce_rows (lane r = key r). Against
+// the FMA on widened rows: no widening (two integer ops per 16 features) and half the multiplies.
+// The products are exact in float32 (8-bit mantissas), as in the widened path; the sums' order
+// differs (pairs first, then lanes), and scale multiplies the sum instead of the query.
+
+// q's NV vectors, zero past d (Tail: the last one partial, by a masked load: no over-read)
+template <int NV, bool Tail>
+NANOGPT_AVX512_BF16 inline void load_query(const c10::BFloat16* q, int d, __m512bh (&qv)[NV]) {
+  for (int i = 0; i < NV; ++i)
+    qv[i] = (__m512bh)(Tail && i == NV - 1 ? _mm512_maskz_loadu_epi16(__mmask32((1ull << (d - 32 * i)) - 1), q + 32 * i)
+                                           : _mm512_loadu_si512(q + 32 * i));
+}
+// the 16 lanes whose sum is q·k for the row k (its elements past d never read)
+template <int NV, bool Tail>
+NANOGPT_AVX512_BF16 inline __m512 row_products(const __m512bh (&qv)[NV], const c10::BFloat16* k, int d) {
+  __m512 a = _mm512_setzero_ps();
+  for (int i = 0; i < NV; ++i) {
+    const __m512i x = Tail && i == NV - 1 ? _mm512_maskz_loadu_epi16(__mmask32((1ull << (d - 32 * i)) - 1), k + 32 * i)
+                                          : _mm512_loadu_si512(k + 32 * i);
+    a = _mm512_dpbf16_ps(a, qv[i], (__m512bh)x);
+  }
+  return a;
+}
+
+template <int NV, bool Tail>
+NANOGPT_BF16_KERNEL void dot_rows_dp(const c10::BFloat16* q, const c10::BFloat16* K, int64_t ldk, int d, float scale,
+                                     float* s, int64_t n) {
+  __m512bh qv[NV];
+  load_query<NV, Tail>(q, d, qv);
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = row_products<NV, Tail>(qv, K + (j + r) * ldk, d);
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(reduce_rows(acc, AddOp()), sc));
+  }
+  for (; j < n; ++j) s[j] = _mm512_reduce_add_ps(row_products<NV, Tail>(qv, K + j * ldk, d)) * scale;
+}
+
 }  // namespace
+
+void dot_rows_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* K, int64_t ldk, int d, float scale, float* s,
+                       int64_t n) {
+  const bool tail = d % 32 != 0;
+  switch ((d + 31) / 32) {
+    case 1: tail ? dot_rows_dp<1, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<1, false>(q, K, ldk, d, scale, s, n); return;
+    case 2: tail ? dot_rows_dp<2, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<2, false>(q, K, ldk, d, scale, s, n); return;
+    case 3: tail ? dot_rows_dp<3, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<3, false>(q, K, ldk, d, scale, s, n); return;
+    case 4: tail ? dot_rows_dp<4, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<4, false>(q, K, ldk, d, scale, s, n); return;
+    default: TORCH_CHECK(false, "dot_rows_bf16_dot: d = ", d, " > ", kBf16DotMaxD);
+  }
+}
 
 bool has_bf16_dot() {
   static const bool cpu = cpu_has_avx512_bf16();

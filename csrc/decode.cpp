@@ -13,8 +13,9 @@
 // products in another order (dot_rows), as the tile path does for more queries: the same within
 // float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
 // bfloat16 (widened as they are read, whole vectors two at a time: simd.h's wload_pairs; a
-// bfloat16 cache is half the bytes, and this path is bound by the memory's speed, so it needs no
-// bfloat16 arithmetic).
+// bfloat16 cache is half the bytes). A bfloat16 cache's scores run on vdpbf16ps where the tiles
+// do (bf16.cpp's dot_rows_bf16_dot: no widening, half the multiplies; 1.03–1.21× as fast a step
+// on a Zen 4): a query's result then depends on the CPU's path, still not on its company.
 #include "attention.h"
 #include "parallel.h"
 #include "simd.h"
@@ -293,6 +294,9 @@ void decode(const Problem& p) {
   at::Tensor parts_t = at::empty({BH, spans, nq, part}, at::kFloat);
   float* parts = parts_t.data_ptr<float>();
   const float qscale = p.scale * kLog2e;  // exp2 below, as the tile path
+  // A bfloat16 cache's scores on vdpbf16ps where the tiles use it (bf16.cpp's dot_rows_bf16_dot,
+  // 16 keys at a time: a build for 8-lane vectors hands it 8), else on the FMA, K widened as read.
+  const bool bf16_dot = kW == 16 && p.bf16 && d <= kBf16DotMaxD && has_bf16_dot();
 
   parallel_items(BH * spans, at::get_num_threads(), 2 * nq * kSplitKeys * p.d, [&](int64_t t, int64_t) {
     const int64_t bh = t / spans, span = t % spans, b = bh / p.H, h = bh % p.H;
@@ -356,7 +360,16 @@ void decode(const Problem& p) {
           if (jb < seen) dot_rows_group(X + gi * d4 * kW, K + jb * p.k.sn, p.k.sn, d, s_at, std::min<int64_t>(kW, seen - jb));
       }
       for (int64_t i = 0; !groups && i < nq; ++i)
-        if (jb < n[i]) dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, scores + i * kSplitKeys + jb, std::min<int64_t>(kW, n[i] - jb));
+        if (jb < n[i]) {
+          float* s = scores + i * kSplitKeys + jb;
+          const int64_t keys = std::min<int64_t>(kW, n[i] - jb);
+          if constexpr (!kFloat)
+            if (bf16_dot) {
+              dot_rows_bf16_dot(p.q.row<T>(b, h, i), K + jb * p.k.sn, p.k.sn, d, qscale, s, keys);
+              continue;
+            }
+          dot_rows(qpad + i * dq, K + jb * p.k.sn, p.k.sn, d, s, keys);
+        }
     }
     bool any = false;  // some query saw a key here
     for (int64_t i = 0; i < nq; ++i) {

@@ -1,10 +1,11 @@
 """bfloat16: q, k, v in bfloat16 give a bfloat16 output, checked against SDPA in bfloat16 and
 the float64 reference (nanogpt.reference.compare_to_sdpa: at most twice SDPA-bfloat16's error).
 
-flash reads bfloat16 itself: its decode path widens K and V as it reads them, its tile path runs
-both matmuls on AMX where the CPU has it (`bf16_amx`), else on vdpbf16ps where the CPU has AVX-512
-BF16 and it outruns the FMA (`bf16_dot`), else on float32 copies, as the other variants do. The
-`dot` fixture runs each flash test on every path the CPU has.
+flash reads bfloat16 itself: its tile path runs both matmuls on AMX where the CPU has it
+(`bf16_amx`), else on vdpbf16ps where the CPU has AVX-512 BF16 and it outruns the FMA (`bf16_dot`),
+else on float32 copies, as the other variants do; its decode path widens V as it reads it, and
+takes its scores on vdpbf16ps where the tiles do, else widens K too. The `dot` fixture runs each
+flash test on every path the CPU has.
 """
 import pytest
 import torch
@@ -86,17 +87,19 @@ def test_flash_tiles(ext, dot, br, bc, causal):
 
 @pytest.mark.parametrize("nq", [1, 3, 8])
 @pytest.mark.parametrize("nk", [1, 511, 1500])
-def test_decode_path(ext, nq, nk):
-    """A KV-cache step in bfloat16 (several key spans merged at 1500)."""
+def test_decode_path(ext, dot, nq, nk):
+    """A KV-cache step in bfloat16 (several key spans merged at 1500); its scores on vdpbf16ps
+    where the tiles use it (`bf16_dot`), else on the FMA."""
     check(ext, *bf16(*qkv(2, 3, nq, nk, 64, seed=nk)), "flash", causal=True)
 
 
-@pytest.mark.parametrize("d", [1, 7, 20, 32, 33, 48, 56, 100, 120, 160])
+@pytest.mark.parametrize("d", [1, 7, 20, 32, 33, 48, 56, 64, 80, 96, 100, 120, 128, 160])
 @pytest.mark.parametrize("nq", [1, 3])
-def test_decode_path_head_dims(ext, nq, d):
+def test_decode_path_head_dims(ext, dot, nq, d):
     """Every way the decode path reads a bfloat16 row: whole vectors in pairs (even and odd
     features, put back in order), a last odd vector, a partial last vector (a masked load), both
-    (d = 56 on AVX-512), and d > 128 in more than one slice of P·V."""
+    (d = 56 on AVX-512), and d > 128 in more than one slice of P·V; on vdpbf16ps, rows of 1 to 4
+    vectors of 32 features, the last one whole or partial, and d > 128 on the FMA."""
     check(ext, *bf16(*qkv(1, 2, nq, 600, d, seed=d)), "flash", causal=True)
 
 
