@@ -14,7 +14,7 @@
 // float32 rounding, not bitwise. K and V are read in place, any row stride, as float32 or
 // bfloat16 (widened as they are read, whole vectors two at a time: simd.h's wload_pairs; a
 // bfloat16 cache is half the bytes). A bfloat16 cache's scores run on vdpbf16ps where the tiles
-// do (bf16.cpp's dot_rows_bf16_dot: no widening, half the multiplies; 1.03–1.21× as fast a step
+// do (bf16.cpp's dot_rows_bf16_dot: no widening, half the multiplies; 1.02–1.21× as fast a step
 // on a Zen 4): a query's result then depends on the CPU's path, still not on its company.
 #include "attention.h"
 #include "parallel.h"
