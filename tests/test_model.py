@@ -149,6 +149,37 @@ def test_cached_generation_identical(attention):
         assert torch.equal(ref, cache)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (5, None), (None, 0.6)])
+def test_draw_one_is_torch_multinomial(top_k, top_p):
+    """sample_next's draw takes torch.multinomial's steps without its checks: the same tokens
+    from the same generator, over temperatures, masked (zero) probabilities, ties and batches,
+    and a NaN row raises as multinomial does."""
+    from nanogpt.sample import draw_one, sample_next
+
+    for seed in range(40):
+        logits = torch.randn(3, 65, generator=torch.Generator().manual_seed(seed)) * (1 + seed % 4)
+        if seed % 5 == 0:
+            logits[:, 10:20] = logits[:, :1]  # ties
+        for temperature in (0.5, 1.0, 2.0):
+            g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            for _ in range(5):
+                ours = sample_next(logits.clone(), temperature, top_k, top_p, g1)
+                scaled = logits / temperature
+                if top_k is not None:
+                    scaled[scaled < torch.topk(scaled, top_k).values[:, [-1]]] = -float("inf")
+                probs = torch.softmax(scaled, dim=-1)
+                if top_p is not None:
+                    p, order = probs.sort(dim=-1, descending=True)
+                    p[(p.cumsum(dim=-1) - p) >= top_p] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(-1, order, p)
+                assert torch.equal(ours, torch.multinomial(probs, 1, generator=g2)), (seed, temperature)
+    for rows in (1, 3):
+        bad = torch.softmax(torch.randn(rows, 65), dim=-1)
+        bad[-1, 7] = float("nan")
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            draw_one(torch.softmax(bad.log(), dim=-1))
+
+
 # -----------------------------------------------------------------------------
 # data and checkpoints on generated text
 
