@@ -103,6 +103,16 @@ def test_decode_path_head_dims(ext, dot, nq, d):
     check(ext, *bf16(*qkv(1, 2, nq, 600, d, seed=d)), "flash", causal=True)
 
 
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_path_strided_and_grouped(ext, dot, nq):
+    """A KV-cache step reading bfloat16 rows in place: K and V rows spaced wider than d (fused
+    k|v rows), a transposed q, and 6 query heads on 2 kv heads."""
+    g = torch.Generator().manual_seed(nq)
+    q = torch.randn(2, 6, 41, nq, generator=g).transpose(2, 3)[..., :37].to(torch.bfloat16)
+    kv = torch.randn(2, 2, 900, 2 * 37 + 3, generator=g).to(torch.bfloat16)
+    check(ext, q, kv[..., :37], kv[..., 37 + 3:], "flash", causal=True, enable_gqa=True)
+
+
 def test_strided_and_grouped(ext, dot):
     """nanoGPT's transposed layout read in place, a zero batch stride, grouped kv heads."""
     B, T, H, hs = 2, 45, 4, 16
