@@ -24,6 +24,47 @@
 namespace nanogpt {
 namespace {
 
+// erf(x) on native vectors, for the GELU: std::erf one element at a time cost 12 µs of a 70–104
+// µs float32 step of the 2048-context character model (in one process, alternated, on a Zen 4).
+// |x| <= 0.921875: x + x·P(x²), P of degree 6; above: 1 - 2^Q(|x|), Q of degree 8 fitted to log2
+// erfc on [0.921875, 3.925] (from there on erf rounds to 1), the sign put back. Least-squares fits
+// (numpy, float64); checked against float64's erf at every float in [-6, 6]: within 1.64 ulp
+// (std::erf: 0.97), in AVX-512 and AVX2 builds. NaN stays NaN (vexp2's), ±inf gives ±1.
+inline vw verf(vw x) {
+  constexpr float kSmall = 0.921875f, kBig = 3.925f;
+  const vwu sign = (vwu)x & 0x80000000u;
+  const vw t = (vw)((vwu)x & 0x7fffffffu);
+  const vw s = x * x;
+  vw p = 8.41039145598188e-05f * s - 0.0008153609232977033f;
+  p = p * s + 0.005202157888561487f;
+  p = p * s - 0.0268599484115839f;
+  p = p * s + 0.11283708363771439f;
+  p = p * s - 0.37612634897232056f;
+  p = p * s + 0.12837916612625122f;
+  const vw near0 = x + x * p;
+  const vw c = t > kBig ? kBig : t;  // NaN stays NaN
+  vw q = 2.3595907805429306e-06f * c - 6.635338650085032e-05f;
+  q = q * c + 0.0008598006679676473f;
+  q = q * c - 0.006859040353447199f;
+  q = q * c + 0.038090482354164124f;
+  q = q * c - 0.15875442326068878f;
+  q = q * c - 0.9116038084030151f;
+  q = q * c - 1.630534291267395f;
+  q = q * c + 0.0004485880781430751f;
+  const vw far = (vw)((vwu)(1.f - vexp2(q)) | sign);
+  return t <= kSmall ? near0 : far;
+}
+
+// out[0:n] = GELU(u[0:n]) = u·(1 + erf(u/√2))/2, a vector at a time (the last one partial)
+void gelu_erf(const float* u, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += kW) {
+    const int m = int(std::min<int64_t>(kW, n - i));
+    const vw v = m == kW ? wload(u + i) : wload_part(u + i, m);
+    const vw g = 0.5f * v * (1.f + verf(v * 0.7071067811865476f));
+    std::memcpy(out + i, &g, m * sizeof(float));
+  }
+}
+
 // One layer's weights, in the Python model's layout; an empty tensor is an absent bias.
 // up is c_fc (gpt) or w13 = [w1; w3] (llama), down is c_proj (gpt) or w2 (llama).
 struct Layer {
@@ -196,14 +237,13 @@ class DecodeModel {
   // (llama); out zero-padded to whole vectors.
   void activate(const float* u, float* out) const {
     const int64_t n = hidden_;
-    for (int64_t i = 0; i < n; ++i) {
+    if (!llama_ && !gelu_tanh_) gelu_erf(u, n, out);
+    for (int64_t i = 0; i < n && (llama_ || gelu_tanh_); ++i) {
       const float v = u[i];
       if (llama_)
         out[i] = v / (1.f + std::exp(-v)) * u[n + i];
-      else if (gelu_tanh_)
-        out[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
       else
-        out[i] = 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
+        out[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     }
     std::fill(out + n, out + round_up(n, kW), 0.f);
   }
@@ -228,6 +268,12 @@ void add_decode_model(pybind11::module_& m) {
            "rope"_a, "layers"_a, "final_w"_a, "final_b"_a, "classifier"_a, "k_cache"_a, "v_cache"_a)
       .def("step", &DecodeModel::step, "tokens"_a, "pos"_a, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_readwrite("attention_seconds", &DecodeModel::attention_seconds);
+  m.def("gelu_erf", [](const at::Tensor& x) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+    const at::Tensor xc = x.contiguous(), y = at::empty_like(xc);
+    gelu_erf(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>());
+    return y;
+  }, "x"_a, "the decoding step's erf GELU, x·(1 + erf(x/√2))/2, on a float32 tensor (for tests)");
 }
 
 }  // namespace nanogpt

@@ -24,6 +24,7 @@ def llama(attention, **kw):
 MODELS = {
     "gpt": lambda a: gpt(a),
     "gpt-tanh-no-bias": lambda a: gpt(a, gelu="tanh", bias=False, n_head=3, n_embd=21),
+    "gpt-hidden-108": lambda a: gpt(a, n_head=3, n_embd=27),  # the erf GELU's last vector partial
     "llama-gqa": lambda a: llama(a),
     "llama-mha-untied": lambda a: llama(a, n_kv_heads=6, tie_embeddings=False, hidden_dim=37),
 }
@@ -138,3 +139,26 @@ def test_bf16_weights_and_cache_must_match(ext):
     model.transformer.h[0].attn.c_attn.weight.data = model.transformer.h[0].attn.c_attn.weight.data.float()
     with pytest.raises(ValueError, match="every layer weight must be a contiguous CPU tensor of tok_emb's dtype"):
         model.decoder(model.new_kv_cache(1))
+
+
+def test_gelu_erf_against_float64(ext):
+    """The step's GELU takes erf on vectors (two polynomials, not std::erf). Against float64's
+    x·(1 + erf(x/√2))/2 at a dense grid over [-9, 9] (past ±5.5 erf rounds to ±1): an error under
+    2e-7·|x| (about 3 float32 ulps where x > 0; measured 1.0e-7), and no larger than torch's own
+    GELU's on the same grid (3.4e-7 with torch 2.13). Lengths that leave a partial last vector
+    give the same values. NaN gives NaN, -inf NaN (-inf · 0, as torch's), +inf +inf (the limit,
+    as std::erf's GELU gave; torch's gives NaN)."""
+    x = torch.linspace(-9, 9, 200_003, dtype=torch.float32)
+    got = ext.extension().gelu_erf(x)
+    exact = 0.5 * x.double() * (1 + torch.special.erf(x.double() * 0.5 ** 0.5))
+
+    def error(y):  # per element, relative to |x| (the GELU's size where x > 0, its slope's scale elsewhere)
+        return float(((y.double() - exact).abs() / x.double().abs().clamp_min(1e-30)).max())
+
+    assert error(got) <= 2e-7, error(got)
+    assert error(got) <= error(torch.nn.functional.gelu(x)), (error(got), error(torch.nn.functional.gelu(x)))
+    for n in (1, 7, 17, 31):  # partial vectors: the same values as inside a long row
+        assert torch.equal(ext.extension().gelu_erf(x[1000:1000 + n]), got[1000:1000 + n])
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    want = torch.tensor([float("nan"), float("inf"), float("nan"), 0.0, -0.0])
+    torch.testing.assert_close(ext.extension().gelu_erf(special), want, equal_nan=True)
