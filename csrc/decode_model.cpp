@@ -237,13 +237,16 @@ class DecodeModel {
   // (llama); out zero-padded to whole vectors.
   void activate(const float* u, float* out) const {
     const int64_t n = hidden_;
-    if (!llama_ && !gelu_tanh_) gelu_erf(u, n, out);
-    for (int64_t i = 0; i < n && (llama_ || gelu_tanh_); ++i) {
-      const float v = u[i];
-      if (llama_)
-        out[i] = v / (1.f + std::exp(-v)) * u[n + i];
-      else
-        out[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    if (!llama_ && !gelu_tanh_) {
+      gelu_erf(u, n, out);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = u[i];
+        if (llama_)
+          out[i] = v / (1.f + std::exp(-v)) * u[n + i];
+        else
+          out[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+      }
     }
     std::fill(out + n, out + round_up(n, kW), 0.f);
   }
