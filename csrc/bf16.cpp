@@ -524,50 +524,49 @@ void tiles_amx(const Problem& p) {
 // The products are exact in float32 (8-bit mantissas), as in the widened path; the sums' order
 // differs (pairs first, then lanes), and scale multiplies the sum instead of the query.
 
-// q's NV vectors, zero past d (Tail: the last one partial, by a masked load: no over-read)
+// A row's NV vectors of 32 bfloat16: the last one, where Tail, partial (`last`: its elements
+// below d), by a masked load: elements past d are zeros, never read.
 template <int NV, bool Tail>
-NANOGPT_AVX512_BF16 inline void load_query(const c10::BFloat16* q, int d, __m512bh (&qv)[NV]) {
-  for (int i = 0; i < NV; ++i)
-    qv[i] = (__m512bh)(Tail && i == NV - 1 ? _mm512_maskz_loadu_epi16(__mmask32((1ull << (d - 32 * i)) - 1), q + 32 * i)
-                                           : _mm512_loadu_si512(q + 32 * i));
+NANOGPT_AVX512_BF16 inline __m512bh load_row(const c10::BFloat16* x, int i, __mmask32 last) {
+  return (__m512bh)(Tail && i == NV - 1 ? _mm512_maskz_loadu_epi16(last, x + 32 * i) : _mm512_loadu_si512(x + 32 * i));
 }
-// the 16 lanes whose sum is q·k for the row k (its elements past d never read)
+// the 16 lanes whose sum is q·k for the row k
 template <int NV, bool Tail>
-NANOGPT_AVX512_BF16 inline __m512 row_products(const __m512bh (&qv)[NV], const c10::BFloat16* k, int d) {
+NANOGPT_AVX512_BF16 inline __m512 row_products(const __m512bh (&qv)[NV], const c10::BFloat16* k, __mmask32 last) {
   __m512 a = _mm512_setzero_ps();
-  for (int i = 0; i < NV; ++i) {
-    const __m512i x = Tail && i == NV - 1 ? _mm512_maskz_loadu_epi16(__mmask32((1ull << (d - 32 * i)) - 1), k + 32 * i)
-                                          : _mm512_loadu_si512(k + 32 * i);
-    a = _mm512_dpbf16_ps(a, qv[i], (__m512bh)x);
-  }
+  for (int i = 0; i < NV; ++i) a = _mm512_dpbf16_ps(a, qv[i], load_row<NV, Tail>(k, i, last));
   return a;
 }
 
 template <int NV, bool Tail>
 NANOGPT_BF16_KERNEL void dot_rows_dp(const c10::BFloat16* q, const c10::BFloat16* K, int64_t ldk, int d, float scale,
                                      float* s, int64_t n) {
+  const __mmask32 last = __mmask32((1ull << (d - 32 * (NV - 1))) - 1);  // (all 32 where d fills the row)
   __m512bh qv[NV];
-  load_query<NV, Tail>(q, d, qv);
+  for (int i = 0; i < NV; ++i) qv[i] = load_row<NV, Tail>(q, i, last);
   const __m512 sc = _mm512_set1_ps(scale);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     __m512 acc[16];
-    for (int r = 0; r < 16; ++r) acc[r] = row_products<NV, Tail>(qv, K + (j + r) * ldk, d);
+    for (int r = 0; r < 16; ++r) acc[r] = row_products<NV, Tail>(qv, K + (j + r) * ldk, last);
     _mm512_storeu_ps(s + j, _mm512_mul_ps(reduce_rows(acc, AddOp()), sc));
   }
-  for (; j < n; ++j) s[j] = _mm512_reduce_add_ps(row_products<NV, Tail>(qv, K + j * ldk, d)) * scale;
+  for (; j < n; ++j) s[j] = _mm512_reduce_add_ps(row_products<NV, Tail>(qv, K + j * ldk, last)) * scale;
 }
 
 }  // namespace
 
 void dot_rows_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* K, int64_t ldk, int d, float scale, float* s,
                        int64_t n) {
-  const bool tail = d % 32 != 0;
+  const auto rows = [&](auto nv) {  // NV = ceil(d / 32) vectors a row, as dot_rows' short_rows
+    constexpr int NV = decltype(nv)::value;
+    d % 32 ? dot_rows_dp<NV, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<NV, false>(q, K, ldk, d, scale, s, n);
+  };
   switch ((d + 31) / 32) {
-    case 1: tail ? dot_rows_dp<1, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<1, false>(q, K, ldk, d, scale, s, n); return;
-    case 2: tail ? dot_rows_dp<2, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<2, false>(q, K, ldk, d, scale, s, n); return;
-    case 3: tail ? dot_rows_dp<3, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<3, false>(q, K, ldk, d, scale, s, n); return;
-    case 4: tail ? dot_rows_dp<4, true>(q, K, ldk, d, scale, s, n) : dot_rows_dp<4, false>(q, K, ldk, d, scale, s, n); return;
+    case 1: return rows(std::integral_constant<int, 1>{});
+    case 2: return rows(std::integral_constant<int, 2>{});
+    case 3: return rows(std::integral_constant<int, 3>{});
+    case 4: return rows(std::integral_constant<int, 4>{});
     default: TORCH_CHECK(false, "dot_rows_bf16_dot: d = ", d, " > ", kBf16DotMaxD);
   }
 }

@@ -313,6 +313,7 @@ void decode(const Problem& p) {
     for (int64_t i = 0; i < nq; ++i) {
       n[i] = std::max<int64_t>(0, std::min(j1, p.key_end(i)) - j0);
       n_max = std::max(n_max, n[i]);
+      if (bf16_dot) continue;  // its scores read q as it is, scaled after (dot_rows_bf16_dot)
       const T* q = p.q.row<T>(b, h, i);
       float* qi = qpad + i * dq;  // zero past d: dot_rows multiplies it by K's masked-off tail
       for (int c = 0; c < d; ++c) qi[c] = float(q[c]) * qscale;
