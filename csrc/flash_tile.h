@@ -45,6 +45,54 @@ inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, f
     for (int v = 0; v < NV; ++v) vstore(St + r * lds + v * kLanes, acc[r][v]);
 }
 
+// Whether a lane of x passes t (a NaN lane does not: its query's output is NaN either way).
+inline bool any_above(vf x, float t) {
+  bool any = false;
+  for (int i = 0; i < kLanes; ++i) any |= x[i] > t;
+  return any;
+}
+
+// Raises the reference max of 16 queries to at least `bmax` and rescales what was taken
+// against the old one: the `done` probability rows above St and their sum (ispc's raise_ref).
+inline vf raise_ref(float* St, int lds, int done, float* mref, float* sum, vf bmax) {
+  const vf mold = vload(mref), mnew = vmax(bmax, mold), a = vexp2(mold - mnew);
+  for (int k = 1; k <= done; ++k) vstore(St - k * lds, vload(St - k * lds) * a);
+  vstore(sum, vload(sum) * a);
+  vstore(mref, mnew);
+  return mnew;
+}
+
+// St[r, 0:16·NV] = 2^(S[r, :] − mref) and sum += Σ_r St[r, :] for R keys: score_block with the
+// softmax's exp in its epilogue, against a reference max per query (see flash_tile's lazy path).
+template <int R, int NV>
+inline void score_exp_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d,
+                            float* mref, float* sum, int done) {
+  vf acc[R][NV] = {};
+  for (int k = 0; k < d; ++k) {
+    vf qv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) qv[v] = vload(Qt + k * ldq + v * kLanes);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const vf kr = vsplat(K[r * ldk + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int c = v * kLanes;
+    vf mr = vload(mref + c), bmax = acc[0][v], s = {};
+    for (int r = 1; r < R; ++r) bmax = vmax(acc[r][v], bmax);
+    if (any_above(bmax - mr, kLazyMax)) mr = raise_ref(St + c, lds, done, mref + c, sum + c, bmax);
+    for (int r = 0; r < R; ++r) {
+      const vf e = vexp2(acc[r][v] - mr);
+      vstore(St + r * lds + c, e);
+      s += e;
+    }
+    vstore(sum + c, vload(sum + c) + s);
+  }
+}
+
 // O[r, 0:16·NV] += Σ_{j < cols} Pt[j, r]·V[j, 0:16·NV] for R queries. kPRows: P is read the other
 // way, Pt[r, j] (the backward's dV += Pᵀ·dO and dK += dSᵀ·Q, whose output rows are keys).
 template <int R, int NV, bool kPRows = false>
@@ -93,33 +141,60 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
                        float* St, float* O, float* m, float* l, float* tmp, int rows, int cols,
                        int d, int dp, int diag) {
   const int nq = int(round_up(rows, kLanes));
+  float *mref = tmp, *alpha = tmp + nq, *sum = tmp + 2 * nq;  // mref: the max P is taken against
 
-  // 1. St = K·Qt.
-  keys_by_queries(K, ldk, Qt, St, nq, cols, d);
-
-  // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
-  for (int j = std::max(0, diag); j < cols; ++j)
-    std::fill(St + j * nq, St + j * nq + std::min(nq, j - diag + 1), kNegInf);
-
-  // 3. Online softmax, 16 queries per vector: new max, P = 2^(S - max), rescale l and O.
-  float *msafe = tmp, *alpha = tmp + nq, *sum = tmp + 2 * nq;
-  std::fill(msafe, msafe + nq, kNegInf);
-  for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < nq; i += kLanes) vstore(msafe + i, vmax(vload(St + j * nq + i), vload(msafe + i)));
-  for (int i = 0; i < nq; i += kLanes) {
-    const vf mold = vload(m + i), mnew = vmax(vload(msafe + i), mold);
-    const vf ms = mnew == kNegInf ? vf{} : mnew;  // a query that sees nothing yet: P = 0, not NaN
-    vstore(m + i, mnew);
-    vstore(msafe + i, ms);
-    vstore(alpha + i, vexp2(mold - ms));  // 0 on a query's first visible block
-    vstore(sum + i, vf{});
+  // A tile without a mask, for queries whose running max is finite, takes P = 2^(S − m) in the
+  // score blocks against the running max m itself, raised only when a score passes it by
+  // kLazyMax (the lazy path: no passes over St for the max and the exp; O rarely rescaled).
+  bool lazy = diag >= cols;
+  for (int i = 0; i < nq; ++i) {
+    lazy = lazy && std::abs(m[i]) < -kNegInf;
+    mref[i] = m[i];
+    sum[i] = 0.f;
   }
-  for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < nq; i += kLanes) {
-      const vf e = vexp2(vload(St + j * nq + i) - vload(msafe + i));
-      vstore(St + j * nq + i, e);
-      vstore(sum + i, vload(sum + i) + e);
+
+  if (lazy) {
+    // 1. St = P = 2^(K·Qt − mref), as keys_by_queries below.
+    for (int i = 0; i < nq; i += kPanel) {
+      const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
+      int j = 0;
+      for (; j + kKeys <= cols; j += kKeys)
+        NANOGPT_BY_WIDTH(nv, score_exp_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
+                         mref + i, sum + i, j);
+      for (; j < cols; ++j)
+        NANOGPT_BY_WIDTH(nv, score_exp_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
+                         mref + i, sum + i, j);
     }
+    for (int i = 0; i < nq; i += kLanes) {
+      vstore(alpha + i, vexp2(vload(m + i) - vload(mref + i)));  // exactly 1 unless mref rose
+      vstore(m + i, vload(mref + i));
+    }
+  } else {
+    // 1. St = K·Qt.
+    keys_by_queries(K, ldk, Qt, St, nq, cols, d);
+
+    // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
+    for (int j = std::max(0, diag); j < cols; ++j)
+      std::fill(St + j * nq, St + j * nq + std::min(nq, j - diag + 1), kNegInf);
+
+    // 3. Online softmax, 16 queries per vector: new max, P = 2^(S - max), rescale l and O.
+    std::fill(mref, mref + nq, kNegInf);
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < nq; i += kLanes) vstore(mref + i, vmax(vload(St + j * nq + i), vload(mref + i)));
+    for (int i = 0; i < nq; i += kLanes) {
+      const vf mold = vload(m + i), mnew = vmax(vload(mref + i), mold);
+      const vf ms = mnew == kNegInf ? vf{} : mnew;  // a query that sees nothing yet: P = 0, not NaN
+      vstore(m + i, mnew);
+      vstore(mref + i, ms);
+      vstore(alpha + i, vexp2(mold - ms));  // 0 on a query's first visible block
+    }
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < nq; i += kLanes) {
+        const vf e = vexp2(vload(St + j * nq + i) - vload(mref + i));
+        vstore(St + j * nq + i, e);
+        vstore(sum + i, vload(sum + i) + e);
+      }
+  }
   for (int i = 0; i < nq; i += kLanes) vstore(l + i, vload(l + i) * vload(alpha + i) + vload(sum + i));
   for (int r = 0; r < nq; ++r)
     if (alpha[r] != 1.f)

@@ -178,6 +178,11 @@ inline F pow2i_bits(F n) {
 }
 inline vf pow2i(vf n) { return pow2i_bits<vf, vi>(n); }
 inline vf8 pow2i(vf8 n) { return pow2i_bits<vf8, vi8>(n); }
+#ifdef __AVX512F__
+// p·2^n and round to nearest, for kernel_common.h's vexp2_scalef (a vf is one zmm here).
+inline vf scalef(vf p, vf n) { return (vf)_mm512_scalef_ps((__m512)p, (__m512)n); }
+inline vf round_even(vf x) { return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#endif
 
 }  // namespace nanogpt
 
@@ -206,6 +211,8 @@ inline vf join(vf8 a, vf8 b) {
 }
 inline vf vmax(vf x, vf m) { return join(vmax(half(x, 0), half(m, 0)), vmax(half(x, 1), half(m, 1))); }
 inline vf vexp2(vf x) { return join(vexp2(half(x, 0)), vexp2(half(x, 1))); }
+#else
+inline vf vexp2(vf x) { return vexp2_scalef(x); }
 #endif
 
 template <typename F>

@@ -29,7 +29,8 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # and -march (march())
 LD_FLAGS = ["-fopenmp"]
 ISPC_TARGETS = ("avx2-i32x8", "avx512skx-x16")
 SPEC_FILE = "_build_spec.json"  # written next to the built module
-ISPC_FLAGS = ["--pic", "-O2", "--target=" + ",".join(ISPC_TARGETS), "-I", str(CSRC)]  # csrc/kernel_common.h
+ISPC_FLAGS = ["--pic", "-O2", "--enable-llvm-intrinsics", "--target=" + ",".join(ISPC_TARGETS), "-I", str(CSRC)]
+# csrc/kernel_common.h is included from csrc; the llvm intrinsics are AVX-512's vscalefps (ispc/blocks.isph)
 
 
 def sources() -> list[str]:

@@ -56,6 +56,21 @@ def test_flash_tiles(ext, br, bc, causal):
     check(ext, *qkv(1, 1, 9, 200, 20, seed=br + bc), "flash", causal, br=br, bc=bc)
 
 
+@pytest.mark.parametrize("br,bc", [(16, 16), (80, 40), (128, 96)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [8, 32, 64])
+def test_flash_scores_that_rise_along_the_keys(ext, br, bc, causal, d):
+    """Scores that step up by 10 (log2 units) every 7 keys up to key 147, then stay flat, for
+    even queries, and down for odd ones: a tile taken against the running max of the keys
+    before it (the ispc tile's lazy path) must raise that max mid-tile for some lanes and
+    rescale what it has already taken; a wrong rescale weights a step's keys wrongly, and the
+    flat keys after it (causal or not) keep that weight visible."""
+    q, k, v = qkv(1, 2, 70, 300, d, seed=d)
+    q[..., 0] = torch.tensor([1.0, -1.0]).repeat(35)
+    k[..., 0] = (torch.arange(300) // 7).clamp(max=21) * 10.0 * d**0.5 / 1.4426950408889634  # log2 units
+    check(ext, q, k, v, "flash", causal, br=br, bc=bc)
+
+
 @pytest.mark.parametrize("tile", [1, 5, 8, 300])
 def test_blocked_tiles(ext, tile):
     check(ext, *qkv(1, 2, 70, 70, 12), "blocked", True, br=tile, bc=tile + 2)
