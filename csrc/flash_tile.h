@@ -9,9 +9,10 @@
 //                    nq = round_up(rows, 16); lanes past `rows` are junk, never written out
 //   K  (cols × d)    key rows, row stride ldk;  V (cols × dp) value rows, row stride ldv
 //                    (dp = round_up(d, 16); V's columns past d must be readable and finite)
-//   St (cols × nq)   scratch: scores, then probabilities
+//   St (cols × nq)   scratch: probabilities P = 2^(S − m), masked entries 0
 //   O  (nq × dp)     unnormalised output, rescaled here when a running max grows
-//   m, l (nq)        running max and running sum per query, in log2 units
+//   m, l (nq)        running max and running sum per query, in log2 units; m may trail the
+//                    true max by up to kLazyMax (P ≤ 2^8), since it rises only past that
 //   tmp (3·nq)       scratch
 // Query r sees the block's keys c < r + diag (the causal diagonal; diag ≥ cols: all).
 #pragma once
@@ -55,18 +56,21 @@ inline bool any_above(vf x, float t) {
 // Raises the reference max of 16 queries to at least `bmax` and rescales what was taken
 // against the old one: the `done` probability rows above St and their sum (ispc's raise_ref).
 inline vf raise_ref(float* St, int lds, int done, float* mref, float* sum, vf bmax) {
-  const vf mold = vload(mref), mnew = vmax(bmax, mold), a = vexp2(mold - mnew);
+  const vf mold = vload(mref), mnew = vmax(bmax, mold);
+  const vf a = mnew > mold ? vexp2(mold - mnew) : 1.f;  // 0 from -inf (its rows held zeros)
   for (int k = 1; k <= done; ++k) vstore(St - k * lds, vload(St - k * lds) * a);
   vstore(sum, vload(sum) * a);
   vstore(mref, mnew);
   return mnew;
 }
 
-// St[r, 0:16·NV] = 2^(S[r, :] − mref) and sum += Σ_r St[r, :] for R keys: score_block with the
-// softmax's exp in its epilogue, against a reference max per query (see flash_tile's lazy path).
+// St[r, 0:16·NV] = P = 2^(S[r, :] − mref) and sum += Σ_r P[r, :] for R keys: score_block with
+// the causal mask and the softmax's exp in its epilogue (ispc's SCORE_EXP_BLOCK: mref may trail
+// the true max by kLazyMax before raise_ref raises it). Query lane q of vector v hides row r's key
+// when 16·v + q < hide + r.
 template <int R, int NV>
 inline void score_exp_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d,
-                            float* mref, float* sum, int done) {
+                            float* mref, float* sum, int done, int hide) {
   vf acc[R][NV] = {};
   for (int k = 0; k < d; ++k) {
     vf qv[NV];
@@ -81,11 +85,15 @@ inline void score_exp_block(const float* K, int64_t ldk, const float* Qt, int ld
   }
   for (int v = 0; v < NV; ++v) {
     const int c = v * kLanes;
+    if (c < hide + R - 1)
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < std::min(kLanes, hide + r - c); ++q) acc[r][v][q] = kNegInf;
     vf mr = vload(mref + c), bmax = acc[0][v], s = {};
     for (int r = 1; r < R; ++r) bmax = vmax(acc[r][v], bmax);
     if (any_above(bmax - mr, kLazyMax)) mr = raise_ref(St + c, lds, done, mref + c, sum + c, bmax);
+    const vf ms = mr == kNegInf ? vf{} : mr;  // no key seen yet: P = 0, not NaN
     for (int r = 0; r < R; ++r) {
-      const vf e = vexp2(acc[r][v] - mr);
+      const vf e = vexp2(acc[r][v] - ms);
       vstore(St + r * lds + c, e);
       s += e;
     }
@@ -141,66 +149,36 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
                        float* St, float* O, float* m, float* l, float* tmp, int rows, int cols,
                        int d, int dp, int diag) {
   const int nq = int(round_up(rows, kLanes));
-  float *mref = tmp, *alpha = tmp + nq, *sum = tmp + 2 * nq;  // mref: the max P is taken against
+  float *mref = tmp, *sum = tmp + nq, *alpha = tmp + 2 * nq;  // mref: the running max P is taken against
+  std::copy(m, m + nq, mref);
+  std::fill(sum, sum + nq, 0.f);
 
-  // A tile without a mask, for queries whose running max is finite, takes P = 2^(S − m) in the
-  // score blocks against the running max m itself, raised only when a score passes it by
-  // kLazyMax (the lazy path: no passes over St for the max and the exp; O rarely rescaled).
-  bool lazy = diag >= cols;
-  for (int i = 0; i < nq; ++i) {
-    lazy = lazy && std::abs(m[i]) < -kNegInf;
-    mref[i] = m[i];
-    sum[i] = 0.f;
+  // 1. St = P = 2^(K·Qt − mref), masked (key j is hidden from queries r < j - diag + 1): panels
+  //    of kPanel queries, blocks of kKeys keys (1-key tail), as keys_by_queries.
+  for (int i = 0; i < nq; i += kPanel) {
+    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
+    int j = 0;
+    for (; j + kKeys <= cols; j += kKeys)
+      NANOGPT_BY_WIDTH(nv, score_exp_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
+                       mref + i, sum + i, j, j - diag + 1 - i);
+    for (; j < cols; ++j)
+      NANOGPT_BY_WIDTH(nv, score_exp_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
+                       mref + i, sum + i, j, j - diag + 1 - i);
   }
 
-  if (lazy) {
-    // 1. St = P = 2^(K·Qt − mref), as keys_by_queries below.
-    for (int i = 0; i < nq; i += kPanel) {
-      const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
-      int j = 0;
-      for (; j + kKeys <= cols; j += kKeys)
-        NANOGPT_BY_WIDTH(nv, score_exp_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
-                         mref + i, sum + i, j);
-      for (; j < cols; ++j)
-        NANOGPT_BY_WIDTH(nv, score_exp_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
-                         mref + i, sum + i, j);
-    }
-    for (int i = 0; i < nq; i += kLanes) {
-      vstore(alpha + i, vexp2(vload(m + i) - vload(mref + i)));  // exactly 1 unless mref rose
-      vstore(m + i, vload(mref + i));
-    }
-  } else {
-    // 1. St = K·Qt.
-    keys_by_queries(K, ldk, Qt, St, nq, cols, d);
-
-    // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
-    for (int j = std::max(0, diag); j < cols; ++j)
-      std::fill(St + j * nq, St + j * nq + std::min(nq, j - diag + 1), kNegInf);
-
-    // 3. Online softmax, 16 queries per vector: new max, P = 2^(S - max), rescale l and O.
-    std::fill(mref, mref + nq, kNegInf);
-    for (int j = 0; j < cols; ++j)
-      for (int i = 0; i < nq; i += kLanes) vstore(mref + i, vmax(vload(St + j * nq + i), vload(mref + i)));
-    for (int i = 0; i < nq; i += kLanes) {
-      const vf mold = vload(m + i), mnew = vmax(vload(mref + i), mold);
-      const vf ms = mnew == kNegInf ? vf{} : mnew;  // a query that sees nothing yet: P = 0, not NaN
-      vstore(m + i, mnew);
-      vstore(mref + i, ms);
-      vstore(alpha + i, vexp2(mold - ms));  // 0 on a query's first visible block
-    }
-    for (int j = 0; j < cols; ++j)
-      for (int i = 0; i < nq; i += kLanes) {
-        const vf e = vexp2(vload(St + j * nq + i) - vload(mref + i));
-        vstore(St + j * nq + i, e);
-        vstore(sum + i, vload(sum + i) + e);
-      }
+  // 2. The running max becomes mref; l and O are rescaled where it rose (alpha: exactly 1 where
+  //    it did not, 0 on a query's first visible block).
+  for (int i = 0; i < nq; i += kLanes) {
+    const vf mr = vload(mref + i), ms = mr == kNegInf ? vf{} : mr;
+    vstore(alpha + i, vexp2(vload(m + i) - ms));
+    vstore(m + i, mr);
+    vstore(l + i, vload(l + i) * vload(alpha + i) + vload(sum + i));
   }
-  for (int i = 0; i < nq; i += kLanes) vstore(l + i, vload(l + i) * vload(alpha + i) + vload(sum + i));
   for (int r = 0; r < nq; ++r)
     if (alpha[r] != 1.f)
       for (int c = 0; c < dp; ++c) O[r * dp + c] *= alpha[r];
 
-  // 4. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
   const int chunk = std::max(kLanes, kChunkBytes / int(sizeof(float)) / dp);
   for (int j = 0; j < cols; j += chunk) {
     const int n = std::min(chunk, cols - j);

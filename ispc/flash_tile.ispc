@@ -12,31 +12,37 @@ static float raise_ref(uniform float St[], uniform int lds, uniform int done, un
                        uniform float sum[], float bmax) {
   const float mold = mref[programIndex];
   const float mnew = vmax(bmax, mold);
-  const float a = vexp2(mold - mnew);
+  const float a = mnew > mold ? vexp2(mold - mnew) : 1.f;  // 0 from -inf (its rows held zeros)
   for (uniform int k = 1; k <= done; ++k) St[-k * lds + programIndex] *= a;
   sum[programIndex] *= a;
   mref[programIndex] = mnew;
   return mnew;
 }
 
-// Out[r, 0:W·NV] = 2^(S[r, :] − mref) and sum += Σ_r Out[r, :] for R keys: the score block
-// with the softmax's exp in its epilogue, against a reference max per query (mref, log2 units)
-// instead of the tile's own. P stays ≤ 2^kLazyMax: a block whose scores pass mref + kLazyMax
-// raises mref (raise_ref) and rescales the tile's `done` rows above Out.
+// Out[r, 0:W·NV] = P = 2^(S[r, :] − mref) and sum += Σ_r P[r, :] for R keys: the score block
+// with the causal mask and the softmax's exp in its epilogue, while S is in registers. mref is a
+// reference max per query (log2 units) that may trail the true one: a block whose scores pass
+// mref + kLazyMax raises it (raise_ref, rescaling the tile's `done` rows above Out), so
+// P ≤ 2^kLazyMax. Query lane q of vector v hides row r's key when v·W + q < hide + r.
 #define SCORE_EXP_BLOCK(NAME, R, NV)                                                          \
   static inline void NAME(const uniform float A[], uniform int64 lda, const uniform float Bt[],  \
                           uniform int ldb, uniform float Out[], uniform int ldo, uniform int d,  \
-                          uniform float mref[], uniform float sum[], uniform int done) {       \
+                          uniform float mref[], uniform float sum[], uniform int done,         \
+                          uniform int hide) {                                                 \
     SCORE_ACC(R, NV)                                                                          \
     _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) {                                  \
       const uniform int c = v * programCount;                                                 \
+      if (c < hide + R - 1)                                                                   \
+        _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                 \
+          if (c + programIndex < hide + r) acc[r][v] = kNegInf;                               \
       float mr = mref[c + programIndex];                                                      \
       float bmax = acc[0][v];                                                                 \
       _Pragma("unroll") for (uniform int r = 1; r < R; ++r) bmax = vmax(acc[r][v], bmax);     \
       if (any(bmax > mr + kLazyMax)) mr = raise_ref(Out + c, ldo, done, mref + c, sum + c, bmax); \
+      const float ms = mr == kNegInf ? 0.f : mr; /* no key seen yet: P = 0, not NaN */        \
       float s = 0.f;                                                                          \
       _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
-        const float e = vexp2(acc[r][v] - mr);                                                \
+        const float e = vexp2(acc[r][v] - ms);                                                \
         Out[r * ldo + c + programIndex] = e;                                                  \
         s += e;                                                                               \
       }                                                                                       \
@@ -44,26 +50,18 @@ static float raise_ref(uniform float St[], uniform int lds, uniform int done, un
     }                                                                                         \
   }
 
-SCORE_BLOCK(score_wide, kKeys, VECS)
-SCORE_BLOCK(score_one, kKeys, 1)
-SCORE_BLOCK(score_wide_tail, 1, VECS)
-SCORE_BLOCK(score_one_tail, 1, 1)
-SCORE_EXP_BLOCK(score_wide_exp, kKeys, VECS)
-SCORE_EXP_BLOCK(score_one_exp, kKeys, 1)
-SCORE_EXP_BLOCK(score_wide_tail_exp, 1, VECS)
-SCORE_EXP_BLOCK(score_one_tail_exp, 1, 1)
+SCORE_EXP_BLOCK(score_wide, kKeys, VECS)
+SCORE_EXP_BLOCK(score_one, kKeys, 1)
+SCORE_EXP_BLOCK(score_wide_tail, 1, VECS)
+SCORE_EXP_BLOCK(score_one_tail, 1, 1)
 PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
 PV_BLOCK(pv_two, 8, 2)  // 32-wide panels on avx512 (on avx2, two vectors are VECS)
 #if VECS > 2
-SCORE_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
-SCORE_BLOCK(score_two_tail, 1, 2)
-SCORE_EXP_BLOCK(score_two_exp, kKeys, 2)
-SCORE_EXP_BLOCK(score_two_tail_exp, 1, 2)
+SCORE_EXP_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
+SCORE_EXP_BLOCK(score_two_tail, 1, 2)
 #else
 #define score_two score_wide
 #define score_two_tail score_wide_tail
-#define score_two_exp score_wide_exp
-#define score_two_tail_exp score_wide_tail_exp
 #endif
 
 export void flash_tile(const uniform float Qt[], const uniform float K[], uniform int64 ldk,
@@ -72,24 +70,15 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
                        uniform int rows, uniform int cols, uniform int d, uniform int dp,
                        uniform int diag) {
   const uniform int nq = (rows + kPad - 1) / kPad * kPad;
-
-  uniform float* uniform mref = tmp;  // the max that P is taken against, per query
-  uniform float* uniform alpha = tmp + nq;
-  uniform float* uniform sum = tmp + 2 * nq;
-
-  // A tile without a mask, for queries whose running max is finite (every tile after their
-  // first, unless a score was ±inf or NaN), takes P = 2^(S − m) in the score blocks against the
-  // running max m itself, raised only when a score passes it by kLazyMax: no pass over St for
-  // the max, none for the exp, and O is rarely rescaled.
-  uniform bool lazy = diag >= cols;
+  uniform float* uniform mref = tmp;  // the running max that P is taken against, per query
+  uniform float* uniform sum = tmp + nq;
   for (uniform int r = 0; r < nq; r += programCount) {
-    const int i = r + programIndex;
-    lazy = lazy && all(abs(m[i]) < -kNegInf);
-    mref[i] = m[i];
-    sum[i] = 0.f;
+    mref[r + programIndex] = m[r + programIndex];
+    sum[r + programIndex] = 0.f;
   }
 
-  // 1. St = K·Qt (lazy: P): panels of up to kPanel queries, blocks of kKeys keys (1-key tail).
+  // 1. St = P = 2^(K·Qt − mref), masked: panels of up to kPanel queries, blocks of kKeys keys
+  //    (1-key tail). Key j is hidden from queries r < j - diag + 1.
   for (uniform int i = 0; i < nq; i += kPanel) {
     const uniform int pend = min(nq, i + kPanel);
     for (uniform int c = i; c < pend;) {
@@ -97,21 +86,16 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
       for (uniform int j = 0; j < cols;) {
         const uniform float* uniform Kj = K + j * ldk;
         uniform float* uniform Sj = St + j * nq + c;
+        const uniform int hide = j - diag + 1 - c;
         if (j + kKeys > cols) {
-          if (lazy && nv == VECS) score_wide_tail_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (lazy && nv == 2) score_two_tail_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (lazy) score_one_tail_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (nv == VECS) score_wide_tail(Kj, ldk, Qt + c, nq, Sj, nq, d);
-          else if (nv == 2) score_two_tail(Kj, ldk, Qt + c, nq, Sj, nq, d);
-          else score_one_tail(Kj, ldk, Qt + c, nq, Sj, nq, d);
+          if (nv == VECS) score_wide_tail(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
+          else if (nv == 2) score_two_tail(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
+          else score_one_tail(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
           ++j;
         } else {
-          if (lazy && nv == VECS) score_wide_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (lazy && nv == 2) score_two_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (lazy) score_one_exp(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j);
-          else if (nv == VECS) score_wide(Kj, ldk, Qt + c, nq, Sj, nq, d);
-          else if (nv == 2) score_two(Kj, ldk, Qt + c, nq, Sj, nq, d);
-          else score_one(Kj, ldk, Qt + c, nq, Sj, nq, d);
+          if (nv == VECS) score_wide(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
+          else if (nv == 2) score_two(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
+          else score_one(Kj, ldk, Qt + c, nq, Sj, nq, d, mref + c, sum + c, j, hide);
           j += kKeys;
         }
       }
@@ -119,48 +103,14 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
     }
   }
 
-  if (lazy) {
-    for (uniform int r = 0; r < nq; r += programCount) {
-      const int i = r + programIndex;
-      alpha[i] = vexp2(m[i] - mref[i]);  // exactly 1 unless mref rose
-      m[i] = mref[i];
-    }
-  } else {
-    // 2. Causal mask: key j is hidden from queries r < j - diag + 1.
-    for (uniform int j = max(0, diag); j < cols; ++j) {
-      foreach (r = 0 ... min(nq, j - diag + 1)) St[j * nq + r] = kNegInf;
-    }
-
-    // 3. Online softmax, one lane per query. nq and dp are multiples of 16, so plain loops over
-    //    whole vectors replace foreach (whose set-up per key row cost more than its body).
-    for (uniform int r = 0; r < nq; r += programCount) mref[r + programIndex] = kNegInf;
-    for (uniform int j = 0; j < cols; ++j) {
-      const uniform float* uniform s = St + j * nq;
-      for (uniform int r = 0; r < nq; r += programCount) {
-        const float x = s[r + programIndex];
-        mref[r + programIndex] = vmax(x, mref[r + programIndex]);
-      }
-    }
-    for (uniform int r = 0; r < nq; r += programCount) {
-      const int i = r + programIndex;
-      const float mold = m[i];
-      const float mnew = vmax(mref[i], mold);
-      const float ms = mnew == kNegInf ? 0.f : mnew;  // a query that sees nothing yet: P = 0, not NaN
-      m[i] = mnew;
-      mref[i] = ms;
-      alpha[i] = vexp2(mold - ms);  // 0 on a query's first visible block
-    }
-    for (uniform int j = 0; j < cols; ++j) {
-      uniform float* uniform s = St + j * nq;
-      for (uniform int r = 0; r < nq; r += programCount) {
-        const float e = vexp2(s[r + programIndex] - mref[r + programIndex]);
-        s[r + programIndex] = e;
-        sum[r + programIndex] += e;
-      }
-    }
-  }
+  // 2. The running max becomes mref; l and O are rescaled where it rose (alpha: exactly 1 where
+  //    it did not, 0 on a query's first visible block).
+  uniform float* uniform alpha = tmp + 2 * nq;
   for (uniform int r = 0; r < nq; r += programCount) {
     const int i = r + programIndex;
+    const float ms = mref[i] == kNegInf ? 0.f : mref[i];
+    alpha[i] = vexp2(m[i] - ms);
+    m[i] = mref[i];
     l[i] = l[i] * alpha[i] + sum[i];
   }
   for (uniform int r = 0; r < nq; ++r) {
@@ -169,7 +119,7 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
       for (uniform int c = 0; c < dp; c += programCount) O[r * dp + c + programIndex] *= a;
   }
 
-  // 4. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
   const uniform int chunk = max(kPad, kChunkBytes / 4 / dp);
   for (uniform int j = 0; j < cols; j += chunk) {
     const uniform int n = min(chunk, cols - j);
