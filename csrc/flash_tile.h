@@ -27,10 +27,9 @@ namespace nanogpt::cpp {
 constexpr int kMaxVecs = 4;  // vectors per register block: kKeys×4 = 24 accumulators
 static_assert(kPanel == kMaxVecs * kLanes, "a score panel is one register block wide");
 
-// St[r, 0:16·NV] = Σ_k K[r, k]·Qt[k, 0:16·NV] for R keys.
+// acc[r][0:NV] = Σ_k K[r, k]·Qt[k, 0:16·NV] for R keys: the score blocks' loop.
 template <int R, int NV>
-inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d) {
-  vf acc[R][NV] = {};
+NANOGPT_INLINE void score_acc(const float* K, int64_t ldk, const float* Qt, int ldq, int d, vf (&acc)[R][NV]) {
   for (int k = 0; k < d; ++k) {
     vf qv[NV];
 #pragma GCC unroll 4
@@ -42,6 +41,13 @@ inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, f
       for (int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];
     }
   }
+}
+
+// St[r, 0:16·NV] = Σ_k K[r, k]·Qt[k, 0:16·NV] for R keys.
+template <int R, int NV>
+inline void score_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d) {
+  vf acc[R][NV] = {};
+  score_acc(K, ldk, Qt, ldq, d, acc);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(St + r * lds + v * kLanes, acc[r][v]);
 }
@@ -72,17 +78,7 @@ template <int R, int NV>
 inline void score_exp_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d,
                             float* mref, float* sum, int done, int hide) {
   vf acc[R][NV] = {};
-  for (int k = 0; k < d; ++k) {
-    vf qv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) qv[v] = vload(Qt + k * ldq + v * kLanes);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const vf kr = vsplat(K[r * ldk + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += kr * qv[v];
-    }
-  }
+  score_acc(K, ldk, Qt, ldq, d, acc);
   for (int v = 0; v < NV; ++v) {
     const int c = v * kLanes;
     if (c < hide + R - 1)
