@@ -38,7 +38,7 @@ static float raise_ref(uniform float St[], uniform int lds, uniform int done, un
       float mr = mref[c + programIndex];                                                      \
       float bmax = acc[0][v];                                                                 \
       _Pragma("unroll") for (uniform int r = 1; r < R; ++r) bmax = vmax(acc[r][v], bmax);     \
-      if (any(bmax > mr + kLazyMax)) mr = raise_ref(Out + c, ldo, done, mref + c, sum + c, bmax); \
+      if (any(bmax - mr > kLazyMax)) mr = raise_ref(Out + c, ldo, done, mref + c, sum + c, bmax); \
       const float ms = mr == kNegInf ? 0.f : mr; /* no key seen yet: P = 0, not NaN */        \
       float s = 0.f;                                                                          \
       _Pragma("unroll") for (uniform int r = 0; r < R; ++r) {                                 \
