@@ -75,7 +75,8 @@ def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     The folder is named after a hash of the sources, the headers they include and the flags, so
     a changed kernel changes the link line, which makes torch's loader relink. It is compiled
     under a lock (out_dir + ".ispc.lock": the JIT build and setup.py alike) and a temporary name,
-    renamed when complete, so a compile killed half-way leaves no partial object behind.
+    renamed when complete, so a compile killed half-way leaves no partial object behind (one
+    that fails removes the temporary folder too).
     """
     from filelock import FileLock
 
@@ -89,9 +90,13 @@ def compile_ispc(ispc: str, out_dir: Path) -> tuple[list[str], Path]:
     with FileLock(str(out_dir) + ".ispc.lock"):
         if not folder.exists():
             tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=out_dir))
-            for src in srcs:
-                cmd = [ispc, *ISPC_FLAGS, "-o", str(tmp / f"{src.stem}.o"), "-h", str(tmp / f"{src.stem}_ispc.h"), str(src)]
-                subprocess.run(cmd, check=True)
+            try:
+                for src in srcs:
+                    cmd = [ispc, *ISPC_FLAGS, "-o", str(tmp / f"{src.stem}.o"), "-h", str(tmp / f"{src.stem}_ispc.h"), str(src)]
+                    subprocess.run(cmd, check=True)
+            except BaseException:  # a failed compile removes its own partial folder
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             os.rename(tmp, folder)
     objects = []
     for src in srcs:
