@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -128,17 +129,24 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
     default: block<R, 4>(__VA_ARGS__); break;     \
   }
 
-// Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq): the score kernel, panels of
-// kPanel queries (Bt's panel stays in L1), blocks of kKeys rows of A (1-row tail).
-inline void keys_by_queries(const float* A, int64_t lda, const float* Bt, float* Out, int nq, int cols, int d) {
+// Calls block(R, i, j, nv) for the register blocks of a (cols × nq) score tile: panels of kPanel
+// queries from column i (Bt's panel stays in L1), nv vectors wide, blocks of R = kKeys keys from
+// row j (a 1-key tail); R comes as a std::integral_constant, for the templates.
+template <class Block>
+inline void score_panels(int nq, int cols, const Block& block) {
   for (int i = 0; i < nq; i += kPanel) {
     const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
     int j = 0;
-    for (; j + kKeys <= cols; j += kKeys)
-      NANOGPT_BY_WIDTH(nv, score_block, kKeys, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
-    for (; j < cols; ++j)
-      NANOGPT_BY_WIDTH(nv, score_block, 1, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+    for (; j + kKeys <= cols; j += kKeys) block(std::integral_constant<int, kKeys>{}, i, j, nv);
+    for (; j < cols; ++j) block(std::integral_constant<int, 1>{}, i, j, nv);
   }
+}
+
+// Out (cols × nq) = A (cols × d, row stride lda) · Bt (d × nq): the backward's score kernel.
+inline void keys_by_queries(const float* A, int64_t lda, const float* Bt, float* Out, int nq, int cols, int d) {
+  score_panels(nq, cols, [&](auto r, int i, int j, int nv) {
+    NANOGPT_BY_WIDTH(nv, score_block, decltype(r)::value, A + j * lda, lda, Bt + i, nq, Out + j * nq + i, nq, d);
+  });
 }
 
 inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float* V, int64_t ldv,
@@ -150,17 +158,11 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
   std::fill(sum, sum + nq, 0.f);
 
   // 1. St = P = 2^(K·Qt − mref), masked (key j is hidden from queries r < j - diag + 1): panels
-  //    of kPanel queries, blocks of kKeys keys (1-key tail), as keys_by_queries.
-  for (int i = 0; i < nq; i += kPanel) {
-    const int nv = std::min(kMaxVecs, (nq - i) / kLanes);
-    int j = 0;
-    for (; j + kKeys <= cols; j += kKeys)
-      NANOGPT_BY_WIDTH(nv, score_exp_block, kKeys, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
-                       mref + i, sum + i, j, j - diag + 1 - i);
-    for (; j < cols; ++j)
-      NANOGPT_BY_WIDTH(nv, score_exp_block, 1, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
-                       mref + i, sum + i, j, j - diag + 1 - i);
-  }
+  //    and blocks as score_panels.
+  score_panels(nq, cols, [&](auto r, int i, int j, int nv) {
+    NANOGPT_BY_WIDTH(nv, score_exp_block, decltype(r)::value, K + j * ldk, ldk, Qt + i, nq, St + j * nq + i, nq, d,
+                     mref + i, sum + i, j, j - diag + 1 - i);
+  });
 
   // 2. The running max becomes mref; l and O are rescaled where it rose (alpha: exactly 1 where
   //    it did not, 0 on a query's first visible block).
