@@ -78,6 +78,11 @@ inline vf raise_ref(float* St, int lds, int done, float* mref, float* sum, vf bm
 template <int R, int NV>
 inline void score_exp_block(const float* K, int64_t ldk, const float* Qt, int ldq, float* St, int lds, int d,
                             float* mref, float* sum, int done, int hide) {
+  if (hide >= NV * kLanes) {  // every lane hides every row: P = 0 without the scores
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) vstore(St + r * lds + v * kLanes, vf{});
+    return;
+  }
   vf acc[R][NV] = {};
   score_acc(K, ldk, Qt, ldq, d, acc);
   for (int v = 0; v < NV; ++v) {
@@ -119,6 +124,11 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(O + r * ldo + v * kLanes, acc[r][v]);
 }
+
+// Of `cols` keys, those that a block of R rows from row r reads: row r + R - 1's, c < r + R - 1 + vis
+// (vis ≥ cols: all of them). P must hold 0 where c ≥ r + vis (the causal mask's), so the rows
+// above the block's last read their hidden keys as zeros; the keys past it are never read.
+inline int keys_seen(int cols, int r, int R, int vis) { return std::min(cols, r + R - 1 + vis); }
 
 // Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
 #define NANOGPT_BY_WIDTH(nv, block, R, ...)       \
@@ -176,18 +186,21 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
     if (alpha[r] != 1.f)
       for (int c = 0; c < dp; ++c) O[r * dp + c] *= alpha[r];
 
-  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks. Each block
+  //    of rows stops at the last key its last row sees (the causal triangle's zeros are skipped).
   const int chunk = std::max(kLanes, kChunkBytes / int(sizeof(float)) / dp);
   for (int j = 0; j < cols; j += chunk) {
-    const int n = std::min(chunk, cols - j);
+    const int n = std::min(chunk, cols - j), vis = diag - j;
     for (int c = 0; c < dp; c += kPanel) {
-      const int nv = std::min(kMaxVecs, (dp - c) / kLanes);
+      const int nv = std::min(kMaxVecs, (dp - c) / kLanes), rows_per = nv == kMaxVecs ? 4 : 8;
       const float* Pt = St + j * nq;
       const float* Vj = V + j * ldv + c;
-      if (nv == kMaxVecs)  // 4×4 accumulators; narrower panels take 8 queries at a time
-        for (int r = 0; r < nq; r += 4) pv_block<4, 4>(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
-      else
-        for (int r = 0; r < nq; r += 8) NANOGPT_BY_WIDTH(nv, pv_block, 8, Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+      for (int r = 0; r < nq; r += rows_per) {  // 4×4 accumulators; narrower panels take 8 queries
+        const int seen = keys_seen(n, r, rows_per, vis);
+        if (seen <= 0) continue;
+        if (nv == kMaxVecs) pv_block<4, 4>(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
+        else NANOGPT_BY_WIDTH(nv, pv_block, 8, Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
+      }
     }
   }
 }

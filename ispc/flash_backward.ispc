@@ -136,7 +136,7 @@ export void flash_backward_tile(const uniform float Qt[], const uniform float Q[
   for (uniform int f = 0; f < dp;) {
     const uniform int nv = block_vecs((dp - f) / programCount);
     if (nv == VECS) {
-      pv_wide_rows(dS, nq, K + f, ldk, dQ + f, dp, nq, cols);
+      pv_wide_rows(dS, nq, K + f, ldk, dQ + f, dp, nq, cols, cols);
     } else if (nv == 2) {
       for (uniform int r = 0; r < nq; r += 8) pv_two(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
     } else {

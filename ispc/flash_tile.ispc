@@ -29,6 +29,12 @@ static float raise_ref(uniform float St[], uniform int lds, uniform int done, un
                           uniform int ldb, uniform float Out[], uniform int ldo, uniform int d,  \
                           uniform float mref[], uniform float sum[], uniform int done,         \
                           uniform int hide) {                                                 \
+    if (hide >= NV * programCount) { /* every lane hides every row: P = 0 without the scores */ \
+      _Pragma("unroll") for (uniform int r = 0; r < R; ++r)                                   \
+        _Pragma("unroll") for (uniform int v = 0; v < NV; ++v)                                \
+          Out[r * ldo + v * programCount + programIndex] = 0.f;                               \
+      return;                                                                                 \
+    }                                                                                         \
     SCORE_ACC(R, NV)                                                                          \
     _Pragma("unroll") for (uniform int v = 0; v < NV; ++v) {                                  \
       const uniform int c = v * programCount;                                                 \
@@ -119,20 +125,24 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
       for (uniform int c = 0; c < dp; c += programCount) O[r * dp + c + programIndex] *= a;
   }
 
-  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks.
+  // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks. Each block
+  //    of rows stops at the last key its last row sees (the causal triangle's zeros are skipped).
   const uniform int chunk = max(kPad, kChunkBytes / 4 / dp);
   for (uniform int j = 0; j < cols; j += chunk) {
-    const uniform int n = min(chunk, cols - j);
+    const uniform int n = min(chunk, cols - j), vis = diag - j;
     for (uniform int c = 0; c < dp;) {
       const uniform int nv = block_vecs((dp - c) / programCount);
       const uniform float* uniform Pt = St + j * nq;
       const uniform float* uniform Vj = V + j * ldv + c;
       if (nv == VECS) {  // blocks of kWideRows queries; narrower panels take 8 at a time
-        pv_wide_rows(Pt, nq, Vj, ldv, O + c, dp, nq, n);
-      } else if (nv == 2) {
-        for (uniform int r = 0; r < nq; r += 8) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+        pv_wide_rows(Pt, nq, Vj, ldv, O + c, dp, nq, n, vis);
       } else {
-        for (uniform int r = 0; r < nq; r += 8) pv_one(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, n);
+        for (uniform int r = 0; r < nq; r += 8) {
+          const uniform int seen = keys_seen(n, r, 8, vis);
+          if (seen <= 0) continue;
+          if (nv == 2) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
+          else pv_one(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
+        }
       }
       c += nv * programCount;
     }
