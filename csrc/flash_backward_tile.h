@@ -37,18 +37,29 @@ namespace nanogpt::cpp {
     default: pv_block<R, 4, true>(__VA_ARGS__); break;   \
   }
 
-// Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`.
+// Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`, where Pt
+// is 0 for rows r < first_row(c, diag): a block of keys starts at its first key's first row.
 inline void accumulate_keys(const float* Pt, int nq, const float* X, int64_t ldx, float* Out, int dp, int rows,
-                            int cols) {
+                            int cols, int diag) {
   for (int f = 0; f < dp; f += kPanel) {
     const int nv = std::min(kMaxVecs, (dp - f) / kLanes);
-    int c = 0;
-    if (nv == kMaxVecs)  // 4×4 accumulators; narrower panels take 8 keys at a time
-      for (; c + 4 <= cols; c += 4) pv_block<4, 4, true>(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-    else
-      for (; c + 8 <= cols; c += 8)
-        NANOGPT_BY_WIDTH_P(nv, 8, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-    for (; c < cols; ++c) NANOGPT_BY_WIDTH_P(nv, 1, Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+    for (int c = 0; c < cols;) {
+      const int r0 = first_row(c, diag);
+      if (r0 >= rows) break;  // this key and every later one: hidden from every row
+      const float* pt = Pt + c * nq + r0;
+      const float* x = X + r0 * ldx + f;
+      float* out = Out + c * dp + f;
+      if (nv == kMaxVecs && c + 4 <= cols) {  // 4×4 accumulators; narrower panels take 8 keys at a time
+        pv_block<4, 4, true>(pt, nq, x, ldx, out, dp, rows - r0);
+        c += 4;
+      } else if (nv < kMaxVecs && c + 8 <= cols) {
+        NANOGPT_BY_WIDTH_P(nv, 8, pt, nq, x, ldx, out, dp, rows - r0);
+        c += 8;
+      } else {
+        NANOGPT_BY_WIDTH_P(nv, 1, pt, nq, x, ldx, out, dp, rows - r0);
+        ++c;
+      }
+    }
   }
 }
 
@@ -66,7 +77,7 @@ inline void flash_backward_tile(const float* Qt, const float* Q, int64_t ldq, co
     for (int i = 0; i < nq; i += kLanes) vstore(P + c * nq + i, vexp2(vload(P + c * nq + i) - vload(L + i)));
 
   // 2. dV += Pᵀ·dO.
-  accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols);
+  accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols, diag);
 
   // 3. dS = scale·P∘(V·dOt − D).
   keys_by_queries(V, ldv, dOt, dS, nq, cols, d);
@@ -77,16 +88,10 @@ inline void flash_backward_tile(const float* Qt, const float* Q, int64_t ldq, co
     }
 
   // 4. dK += dSᵀ·Q.
-  accumulate_keys(dS, nq, Q, ldq, dK, dp, rows, cols);
+  accumulate_keys(dS, nq, Q, ldq, dK, dp, rows, cols, diag);
 
   // 5. dQ += dS·K: the forward's P·V kernel, with dS for P and K for V.
-  for (int f = 0; f < dp; f += kPanel) {
-    const int nv = std::min(kMaxVecs, (dp - f) / kLanes);
-    if (nv == kMaxVecs)
-      for (int r = 0; r < nq; r += 4) pv_block<4, 4>(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
-    else
-      for (int r = 0; r < nq; r += 8) NANOGPT_BY_WIDTH(nv, pv_block, 8, dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
-  }
+  pv_panels(dS, nq, K, ldk, dQ, dp, cols, diag);
 }
 
 #undef NANOGPT_BY_WIDTH_P

@@ -129,6 +129,9 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
 // (vis ≥ cols: all of them). P must hold 0 where c ≥ r + vis (the causal mask's), so the rows
 // above the block's last read their hidden keys as zeros; the keys past it are never read.
 inline int keys_seen(int cols, int r, int R, int vis) { return std::min(cols, r + R - 1 + vis); }
+// The first query row that sees key c (query r sees keys c < r + diag); the rows after it up to a
+// block's later keys' own first rows read zeros.
+inline int first_row(int c, int diag) { return std::max(0, c - diag + 1); }
 
 // Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
 #define NANOGPT_BY_WIDTH(nv, block, R, ...)       \
@@ -138,6 +141,21 @@ inline int keys_seen(int cols, int r, int R, int vis) { return std::min(cols, r 
     case 3: block<R, 3>(__VA_ARGS__); break;      \
     default: block<R, 4>(__VA_ARGS__); break;     \
   }
+
+// Out (nq × dp) += Σ_{c < cols} Pt[c, r]·X[c, 0:dp] for every query r < nq (a multiple of 16),
+// where Pt is 0 for c ≥ r + vis: 4×4 accumulators, narrower feature panels 8 queries at a time.
+// The forward's O += Pᵀ·V and the backward's dQ += dS·K (ispc's pv_panels).
+inline void pv_panels(const float* Pt, int nq, const float* X, int64_t ldx, float* Out, int dp, int cols, int vis) {
+  for (int f = 0; f < dp; f += kPanel) {
+    const int nv = std::min(kMaxVecs, (dp - f) / kLanes), rows_per = nv == kMaxVecs ? 4 : 8;
+    for (int r = 0; r < nq; r += rows_per) {
+      const int seen = keys_seen(cols, r, rows_per, vis);
+      if (seen <= 0) continue;
+      if (nv == kMaxVecs) pv_block<4, 4>(Pt + r, nq, X + f, ldx, Out + r * dp + f, dp, seen);
+      else NANOGPT_BY_WIDTH(nv, pv_block, 8, Pt + r, nq, X + f, ldx, Out + r * dp + f, dp, seen);
+    }
+  }
+}
 
 // Calls block(R, i, j, nv) for the register blocks of a (cols × nq) score tile: panels of kPanel
 // queries from column i (Bt's panel stays in L1), nv vectors wide, blocks of R = kKeys keys from
@@ -189,21 +207,8 @@ inline void flash_tile(const float* Qt, const float* K, int64_t ldk, const float
   // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks. Each block
   //    of rows stops at the last key its last row sees (the causal triangle's zeros are skipped).
   const int chunk = std::max(kLanes, kChunkBytes / int(sizeof(float)) / dp);
-  for (int j = 0; j < cols; j += chunk) {
-    const int n = std::min(chunk, cols - j), vis = diag - j;
-    for (int c = 0; c < dp; c += kPanel) {
-      const int nv = std::min(kMaxVecs, (dp - c) / kLanes), rows_per = nv == kMaxVecs ? 4 : 8;
-      const float* Pt = St + j * nq;
-      const float* Vj = V + j * ldv + c;
-      for (int r = 0; r < nq; r += rows_per) {  // 4×4 accumulators; narrower panels take 8 queries
-        const int seen = keys_seen(n, r, rows_per, vis);
-        if (seen <= 0) continue;
-        if (nv == kMaxVecs) pv_block<4, 4>(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
-        else NANOGPT_BY_WIDTH(nv, pv_block, 8, Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
-      }
-    }
-  }
+  for (int j = 0; j < cols; j += chunk)
+    pv_panels(St + j * nq, nq, V + j * ldv, ldv, O, dp, std::min(chunk, cols - j), diag - j);
 }
-
 
 }  // namespace nanogpt::cpp

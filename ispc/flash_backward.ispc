@@ -35,7 +35,6 @@ SCORE_BLOCK(score_wide, kKeys, VECS)
 SCORE_BLOCK(score_one, kKeys, 1)
 SCORE_BLOCK(score_wide_tail, 1, VECS)
 SCORE_BLOCK(score_one_tail, 1, 1)
-PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
 KEY_BLOCK(key_wide, kWideRows, VECS)  // kWideRows keys × VECS vectors (as pv_wide)
 #if kWideRows == 4
 #define key_four key_wide
@@ -45,7 +44,6 @@ KEY_BLOCK(key_four, 4, VECS)
 KEY_BLOCK(key_one, 8, 1)      // 8 keys × 1 vector
 KEY_BLOCK(key_wide_tail, 1, VECS)
 KEY_BLOCK(key_one_tail, 1, 1)
-PV_BLOCK(pv_two, 8, 2)  // 32-wide panels on avx512 (on avx2, two vectors are VECS)
 KEY_BLOCK(key_two, 8, 2)
 KEY_BLOCK(key_two_tail, 1, 2)
 #if VECS > 2
@@ -79,22 +77,31 @@ static void keys_by_queries(const uniform float A[], uniform int64 lda, const un
   }
 }
 
-// Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`.
+// Out (cols × dp) += Pt (cols × nq) · X (rows × dp, row stride ldx), over rows < `rows`, where Pt
+// is 0 for rows r < first_row(c, diag): a block of keys starts at its first key's first row.
 static void accumulate_keys(const uniform float Pt[], uniform int nq, const uniform float X[], uniform int64 ldx,
-                            uniform float Out[], uniform int dp, uniform int rows, uniform int cols) {
+                            uniform float Out[], uniform int dp, uniform int rows, uniform int cols,
+                            uniform int diag) {
   for (uniform int f = 0; f < dp;) {
     const uniform int nv = block_vecs((dp - f) / programCount);
-    uniform int c = 0;
-    if (nv == VECS) {
-      for (; c + kWideRows <= cols; c += kWideRows) key_wide(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-      for (; c + 4 <= cols; c += 4) key_four(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-      for (; c < cols; ++c) key_wide_tail(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-    } else if (nv == 2) {
-      for (; c + 8 <= cols; c += 8) key_two(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-      for (; c < cols; ++c) key_two_tail(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-    } else {
-      for (; c + 8 <= cols; c += 8) key_one(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
-      for (; c < cols; ++c) key_one_tail(Pt + c * nq, nq, X + f, ldx, Out + c * dp + f, dp, rows);
+    for (uniform int c = 0; c < cols;) {
+      const uniform int r0 = first_row(c, diag);
+      if (r0 >= rows) break;  // this key and every later one: hidden from every row
+      const uniform float* uniform pt = Pt + c * nq + r0;
+      const uniform float* uniform x = X + r0 * ldx + f;
+      uniform float* uniform out = Out + c * dp + f;
+      const uniform int n = rows - r0;
+      if (nv == VECS) {
+        if (c + kWideRows <= cols) { key_wide(pt, nq, x, ldx, out, dp, n); c += kWideRows; }
+        else if (c + 4 <= cols) { key_four(pt, nq, x, ldx, out, dp, n); c += 4; }
+        else { key_wide_tail(pt, nq, x, ldx, out, dp, n); ++c; }
+      } else if (nv == 2) {
+        if (c + 8 <= cols) { key_two(pt, nq, x, ldx, out, dp, n); c += 8; }
+        else { key_two_tail(pt, nq, x, ldx, out, dp, n); ++c; }
+      } else {
+        if (c + 8 <= cols) { key_one(pt, nq, x, ldx, out, dp, n); c += 8; }
+        else { key_one_tail(pt, nq, x, ldx, out, dp, n); ++c; }
+      }
     }
     f += nv * programCount;
   }
@@ -119,7 +126,7 @@ export void flash_backward_tile(const uniform float Qt[], const uniform float Q[
       P[c * nq + r + programIndex] = vexp2(P[c * nq + r + programIndex] - L[r + programIndex]);
 
   // 2. dV += Pᵀ·dO.
-  accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols);
+  accumulate_keys(P, nq, dO, ldo, dV, dp, rows, cols, diag);
 
   // 3. dS = scale·P∘(V·dOt − D).
   keys_by_queries(V, ldv, dOt, dS, nq, cols, d);
@@ -130,18 +137,8 @@ export void flash_backward_tile(const uniform float Qt[], const uniform float Q[
     }
 
   // 4. dK += dSᵀ·Q.
-  accumulate_keys(dS, nq, Q, ldq, dK, dp, rows, cols);
+  accumulate_keys(dS, nq, Q, ldq, dK, dp, rows, cols, diag);
 
   // 5. dQ += dS·K: the forward's P·V kernel, with dS for P and K for V.
-  for (uniform int f = 0; f < dp;) {
-    const uniform int nv = block_vecs((dp - f) / programCount);
-    if (nv == VECS) {
-      pv_wide_rows(dS, nq, K + f, ldk, dQ + f, dp, nq, cols, cols);
-    } else if (nv == 2) {
-      for (uniform int r = 0; r < nq; r += 8) pv_two(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
-    } else {
-      for (uniform int r = 0; r < nq; r += 8) pv_one(dS + r, nq, K + f, ldk, dQ + r * dp + f, dp, cols);
-    }
-    f += nv * programCount;
-  }
+  pv_panels(dS, nq, K, ldk, dQ, dp, cols, diag);
 }

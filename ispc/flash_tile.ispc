@@ -60,8 +60,6 @@ SCORE_EXP_BLOCK(score_wide, kKeys, VECS)
 SCORE_EXP_BLOCK(score_one, kKeys, 1)
 SCORE_EXP_BLOCK(score_wide_tail, 1, VECS)
 SCORE_EXP_BLOCK(score_one_tail, 1, 1)
-PV_BLOCK(pv_one, 8, 1)      // 8 queries × 1 vector
-PV_BLOCK(pv_two, 8, 2)  // 32-wide panels on avx512 (on avx2, two vectors are VECS)
 #if VECS > 2
 SCORE_EXP_BLOCK(score_two, kKeys, 2)  // two-vector blocks for 32-wide panels (d = 32 and tails)
 SCORE_EXP_BLOCK(score_two_tail, 1, 2)
@@ -128,25 +126,8 @@ export void flash_tile(const uniform float Qt[], const uniform float K[], unifor
   // 3. O += Pᵀ·V by chunks of keys whose V rows stay in L1 across all query blocks. Each block
   //    of rows stops at the last key its last row sees (the causal triangle's zeros are skipped).
   const uniform int chunk = max(kPad, kChunkBytes / 4 / dp);
-  for (uniform int j = 0; j < cols; j += chunk) {
-    const uniform int n = min(chunk, cols - j), vis = diag - j;
-    for (uniform int c = 0; c < dp;) {
-      const uniform int nv = block_vecs((dp - c) / programCount);
-      const uniform float* uniform Pt = St + j * nq;
-      const uniform float* uniform Vj = V + j * ldv + c;
-      if (nv == VECS) {  // blocks of kWideRows queries; narrower panels take 8 at a time
-        pv_wide_rows(Pt, nq, Vj, ldv, O + c, dp, nq, n, vis);
-      } else {
-        for (uniform int r = 0; r < nq; r += 8) {
-          const uniform int seen = keys_seen(n, r, 8, vis);
-          if (seen <= 0) continue;
-          if (nv == 2) pv_two(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
-          else pv_one(Pt + r, nq, Vj, ldv, O + r * dp + c, dp, seen);
-        }
-      }
-      c += nv * programCount;
-    }
-  }
+  for (uniform int j = 0; j < cols; j += chunk)
+    pv_panels(St + j * nq, nq, V + j * ldv, ldv, O, dp, min(chunk, cols - j), diag - j);
 }
 
 // What the runtime dispatch chose: lanes per varying, and ispc's version as major·100 + minor.
