@@ -3,7 +3,8 @@
 // The tile step runs in ISPC when the build has ispc, else in its C++ twin (flash_tile.h).
 // K and V are read in place (only Qᵀ is packed, once per query block: transposing K per key
 // block cost about a quarter of the time at Br=48). Key blocks wholly above the causal diagonal are
-// never visited; only blocks that cross it are masked.
+// never visited; only blocks that cross it are masked, and in those the tile skips the score
+// blocks wholly above it and, in P·V, the keys past each block of rows' last visible one.
 #include "attention.h"
 #include "flash_tile.h"
 #include "parallel.h"

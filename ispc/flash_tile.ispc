@@ -3,7 +3,7 @@
 // One varying float = programCount consecutive queries or features: 16 on avx512skx-x16,
 // 8 on avx2-i32x8; ispc's multi-target build picks the target at run time.
 
-#include "blocks.isph"  // VECS, kNegInf; SCORE_ACC, PV_BLOCK; kernel_common.h (vexp2, kLazyMax)
+#include "blocks.isph"  // VECS, kNegInf; SCORE_ACC, pv_panels; kernel_common.h (vexp2, kLazyMax)
 
 // Raises the reference max of one vector of queries to at least `bmax` and rescales what was
 // taken against the old one: the `done` probability rows above St and their sum. Returns the
