@@ -142,7 +142,8 @@ class Ranks:
         frees a finished collective's tensors after the caller has woken, and that takes the GIL;
         a rank that went straight on to exit left it waiting while Python finalized, and the
         thread's forced exit aborted the process (SIGABRT, "terminate called without an active
-        exception", seen after gather_object about once in 40 runs)."""
+        exception", seen after gather_object about once in 40 runs). This made it rare; gpt.py
+        closes the rest of that window by ending a torchrun rank with os._exit."""
         if self.ddp:
             dist.barrier()
 
