@@ -24,7 +24,8 @@
 
 namespace nanogpt::cpp {
 
-// kKeys, kPanel and kChunkBytes come from kernel_common.h (through simd.h), shared with ispc.
+// kKeys, kPanel, kChunkBytes and the diagonal's bounds (keys_seen, first_row) come from
+// kernel_common.h (through simd.h), shared with ispc.
 constexpr int kMaxVecs = 4;  // vectors per register block: kKeys×4 = 24 accumulators
 static_assert(kPanel == kMaxVecs * kLanes, "a score panel is one register block wide");
 
@@ -124,14 +125,6 @@ inline void pv_block(const float* Pt, int ldp, const float* V, int64_t ldv, floa
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) vstore(O + r * ldo + v * kLanes, acc[r][v]);
 }
-
-// Of `cols` keys, those that a block of R rows from row r reads: row r + R - 1's, c < r + R - 1 + vis
-// (vis ≥ cols: all of them). P must hold 0 where c ≥ r + vis (the causal mask's), so the rows
-// above the block's last read their hidden keys as zeros; the keys past it are never read.
-inline int keys_seen(int cols, int r, int R, int vis) { return std::min(cols, r + R - 1 + vis); }
-// The first query row that sees key c (query r sees keys c < r + diag); the rows after it up to a
-// block's later keys' own first rows read zeros.
-inline int first_row(int c, int diag) { return std::max(0, c - diag + 1); }
 
 // Calls block<R, nv> for nv in 1..kMaxVecs (register blocks need compile-time widths).
 #define NANOGPT_BY_WIDTH(nv, block, R, ...)       \

@@ -1,6 +1,7 @@
 // The constants and the math that the C++ kernels and ispc/flash_tile.ispc share, written once
 // in the subset of C++17 and ISPC that both compile (ispc's preprocessor includes this file).
-// The functions are templates over the float type: vf in C++, varying float in ISPC. The
+// The functions are templates over the float type: vf in C++, varying float in ISPC (the
+// diagonal's bounds over the integer type: int, uniform int in ISPC). The
 // including file first defines pow2i(F n) = 2^n for whole n in [-125, 0], from the exponent
 // bits, which each language writes its own way.
 #ifndef NANOGPT_KERNEL_COMMON_H
@@ -20,6 +21,23 @@ enum {
   kLazyMax = 8,         // P may be taken against a running max that trails the tile's by up
                         // to this (log2 units): P ≤ 2^8, so O and l stay far from overflow
 };
+
+// The causal diagonal inside a tile, where query r sees keys c < r + vis (vis = diag, less the
+// first key of a P·V chunk; vis ≥ cols: all keys). The tile's P (and the backward's dS) holds
+// exact zeros at hidden entries, so a register block may stop, or start, where its last (first)
+// row's visible keys do, and its other rows read their hidden entries as zeros.
+// Of `cols` keys, those a block of R query rows from row r reads: its last row's, c < r + R - 1 + vis.
+template <typename I>
+inline I keys_seen(I cols, I r, I R, I vis) {
+  const I n = r + R - 1 + vis;
+  return n < cols ? n : cols;
+}
+// The first query row that sees key c: a block of keys from c starts there.
+template <typename I>
+inline I first_row(I c, I diag) {
+  const I r = c - diag + 1;
+  return r > 0 ? r : 0;
+}
 
 // max(x, m) that propagates NaN: a NaN score makes its query's output NaN, as in SDPA's
 // vectorised softmax (SDPA's scalar tail, for rows of under 16 keys, skips NaN instead).

@@ -5,7 +5,7 @@
 // The score and P·V register blocks are the forward's (ispc/blocks.isph); KEY_BLOCK is the
 // backward's own.
 
-#include "blocks.isph"  // VECS, kNegInf, vexp2; SCORE_BLOCK, pv_panels, first_row; kernel_common.h
+#include "blocks.isph"  // VECS, kNegInf; SCORE_BLOCK, pv_panels; kernel_common.h (vexp2, first_row)
 
 // Out[c, 0:W·NV] += Σ_{r < rows} Pt[c, r]·X[r, 0:W·NV] for R keys (dV += Pᵀ·dO, dK += dSᵀ·Q).
 #define KEY_BLOCK(NAME, R, NV)                                                                \
