@@ -316,12 +316,9 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     status = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun rank ends here, without Python's finalization: gloo's worker threads may
-        # still be freeing a finished collective's tensors, which takes the GIL, and a thread
-        # that asks for it while Python finalizes is forced to exit, aborting the process
-        # ("terminate called without an active exception", SIGABRT) after a run that
-        # succeeded. Ranks.barrier at the end of train.run made it rarer, not impossible
-        # (seen again on 2026-12-05 in CI's test_two_ranks_...). Everything is written by now.
+        # A torchrun rank ends here without Python's finalization, in which a gloo worker
+        # thread could still abort it after a run that succeeded (nanogpt/train.py's
+        # Ranks.barrier says how; seen again in CI on 2026-12-05). Everything is written by now.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

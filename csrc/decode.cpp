@@ -299,7 +299,7 @@ void decode(const Problem& p) {
   const bool bf16_dot = kW == 16 && p.bf16 && d <= kBf16DotMaxD && has_bf16_dot();
 
   // an item's cost: a span's keys, fewer than kSplitKeys in a short cache (there, counting the whole
-  // span woke the second thread for 64–128 keys of 4 heads at d = 32: 0.86–0.91× one thread's speed)
+  // span woke the second thread for 64–128 keys of 4 heads at d = 32: 0.86–0.95× one thread's speed)
   const int64_t item_cost = 2 * nq * std::min(kSplitKeys, p.Nk) * p.d;
   parallel_items(BH * spans, at::get_num_threads(), item_cost, [&](int64_t t, int64_t) {
     const int64_t bh = t / spans, span = t % spans, b = bh / p.H, h = bh % p.H;
